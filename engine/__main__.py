@@ -1,0 +1,7 @@
+"""``deepspeed --module biodistill.engine --config ...``: the module form of launch/train.py."""
+
+import sys
+
+from biodistill.engine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,394 @@
+"""Typed recipes: YAML files loaded into dataclasses, dotted command-line overrides, validation at start.
+
+Every error names the file (or the command-line flag) and the dotted key at fault, e.g.
+``configs/demo.yaml: train.max_steps: expected an integer, got 'ten'``. Nothing is built before the
+whole recipe has been checked, so a typo costs seconds, not a queue slot on a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+LayerMap = Union[str, list[list[int]]]
+"""A student<->teacher layer map: "last", "uniform", or explicit [student, teacher] pairs.
+
+Layers are numbered as Hugging Face numbers ``hidden_states``: 0 is the embedding output, i is the
+output of layer i. Attention maps are numbered 1..L (the attention of layer i).
+"""
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run. The message names the source (file or flag) and the key."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key = source, key
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe schema. Field comments are the documentation users read: keep them short and exact.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # HF model directory, hub name, or pkg://<package>/<dir> for a model shipped in a package
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
+
+
+@dataclass
+class StudentConfig:
+    init: Literal["config", "teacher_layers", "checkpoint"] = "teacher_layers"
+    teacher_layers: list[int] = field(default_factory=list)  # 0-indexed teacher layers copied (teacher_layers)
+    path: str = ""  # checkpoint to continue from (checkpoint), or a config to start from (config)
+    overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields changed for a random init
+    mlm_head: bool = True  # build the student with its masked-LM head
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # .txt (a document a line), .jsonl/.json, .parquet
+    dataset: str = ""  # a `datasets` name instead of files (needs a reachable hub or local cache)
+    dataset_config: str = ""
+    dataset_split: str = "train"
+    text_field: str = "text"
+    max_length: int = 128
+    packing: bool = True  # concatenate documents and cut full blocks; false: truncate each document
+    mlm_probability: float = 0.15
+    heldout_fraction: float = 0.05  # documents held out for evaluation
+    cache_dir: str = "~/.cache/biodistill/datasets"
+    num_workers: int = 1  # tokenisation processes
+    seed: int = 1234
+
+
+@dataclass
+class LossTermConfig:
+    kind: str = ""  # one of engine.losses.LOSSES
+    weight: float = 1.0
+    layer_map: LayerMap = "last"  # hidden/attention terms: "last", "uniform" or [[student, teacher], ...]
+    temperature: Optional[float] = None  # logit_kl: overrides losses.temperature
+    projection: bool = False  # hidden_mse: learn a student->teacher width projection (dropped at export)
+
+
+@dataclass
+class LossesConfig:
+    temperature: float = 2.0
+    logit_rows: Literal["masked", "all"] = "masked"  # rows where the LM heads run: MLM-masked or all non-pad
+    terms: list[LossTermConfig] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then linear decay to zero at train.max_steps
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimiser steps
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 42
+    output_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_batches: int = 8  # held-out micro-batches per rank for each evaluation
+    save_every: int = 0  # 0: save only at the end
+    export: bool = True  # write the student as a Hugging Face directory at the end
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    config: str = ""  # a user's DeepSpeed JSON; when set it is passed to DeepSpeed as it is
+    tensorboard: bool = True
+    csv: bool = True
+
+
+@dataclass
+class Recipe:
+    name: str = "biodistill"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    losses: LossesConfig = field(default_factory=LossesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    source: str = field(default="<defaults>", metadata={"internal": True})  # the file it came from
+
+    def needs_teacher(self) -> bool:
+        return any(t.kind != "mlm" for t in self.losses.terms)
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML -> dict -> overrides -> typed dataclasses -> value checks.
+# --------------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, deepspeed_config: str = "") -> Recipe:
+    """Load ``path``, apply ``--a.b value`` overrides, convert to a :class:`Recipe` and validate it."""
+    source = str(path)
+    if not Path(path).is_file():
+        raise ConfigError(source, "", "recipe file not found")
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(source, "", f"not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", f"the top level must be a mapping of sections, got {type(raw).__name__}")
+    sources = {}  # dotted key -> where its value came from, so an override's error names the flag
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value, source)
+        sources[key] = f"command line --{key}"
+    if deepspeed_config:
+        _set_dotted(raw, "deepspeed.config", deepspeed_config, source)
+        sources["deepspeed.config"] = "command line --deepspeed_config"
+    recipe = _convert(Recipe, raw, "", source, sources)
+    recipe.source = source
+    validate(recipe, sources)
+    return recipe
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """``["--train.max_steps", "50", "--data.packing=false"]`` -> ``[("train.max_steps", 50), ...]``.
+
+    Values are read as YAML scalars/lists, so ``5e-4``, ``true`` and ``[0,2,4]`` mean what they look like.
+    """
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError("command line", arg, "expected --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and not _is_number(argv[i + 1])):
+                raise ConfigError(f"command line --{key}", key, "missing value")
+            value, i = argv[i + 1], i + 1
+        try:
+            pairs.append((key, yaml.safe_load(value) if value != "" else "")) 
+        except yaml.YAMLError:
+            pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"command line --{key}", key, f"'{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _where(key: str, source: str, sources: dict[str, str]) -> str:
+    for k, src in sources.items():
+        if key == k or key.startswith(k + ".") or key.startswith(k + "["):
+            return src
+    return source
+
+
+def _convert(tp: Any, value: Any, key: str, source: str, sources: dict[str, str]) -> Any:
+    """Convert a YAML value to the annotated type ``tp``, or raise naming ``key``."""
+    where = _where(key, source, sources)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(where, key or "<top>", f"expected a mapping, got {value!r}")
+        fields = {f.name: f for f in dataclasses.fields(tp) if not f.metadata.get("internal")}
+        hints = typing.get_type_hints(tp)
+        for k in value:
+            if k not in fields:
+                close = difflib.get_close_matches(str(k), fields, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
+                sub = f"{key}.{k}" if key else str(k)
+                raise ConfigError(_where(sub, source, sources), sub, f"unknown key{hint}")
+        kwargs = {
+            k: _convert(hints[k], v, f"{key}.{k}" if key else k, source, sources) for k, v in value.items()
+        }
+        return tp(**kwargs)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(where, key, f"must be one of {choices}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, key, source, sources)
+            except ConfigError as e:
+                errors.append(str(e).rsplit(": ", 1)[-1])
+        raise ConfigError(where, key, f"got {value!r}, which fits none of the accepted forms ({'; '.join(errors)})")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(where, key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{key}[{i}]", source, sources) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # PyYAML reads "5e-4" (no dot) as a string; accept any spelling float() accepts.
+        if isinstance(value, bool):
+            raise ConfigError(where, key, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(where, key, f"expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a schema bug, not a user error
+
+
+def validate(r: Recipe, sources: dict[str, str] | None = None) -> None:
+    """Value checks that types cannot express. Raises the first :class:`ConfigError` found."""
+    sources = sources or {}
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(_where(key, r.source, sources), key, message)
+
+    from biodistill.engine.losses import LOSSES  # the registry is the list of valid kinds
+
+    check(bool(r.losses.terms), "losses.terms", "at least one loss term is required")
+    for i, term in enumerate(r.losses.terms):
+        k = f"losses.terms[{i}]"
+        check(term.kind in LOSSES, f"{k}.kind", f"unknown loss {term.kind!r}; known: {', '.join(LOSSES)}")
+        check(term.weight >= 0, f"{k}.weight", f"must be >= 0, got {term.weight}")
+        check(term.temperature is None or term.temperature > 0, f"{k}.temperature", "must be > 0")
+        if isinstance(term.layer_map, str):
+            check(term.layer_map in ("last", "uniform"), f"{k}.layer_map",
+                  f"must be 'last', 'uniform' or a list of [student, teacher] pairs, got {term.layer_map!r}")
+        else:
+            for j, pair in enumerate(term.layer_map):
+                check(len(pair) == 2 and min(pair) >= 0, f"{k}.layer_map[{j}]",
+                      f"must be a [student, teacher] pair of layer numbers >= 0, got {pair}")
+    check(r.losses.temperature > 0, "losses.temperature", f"must be > 0, got {r.losses.temperature}")
+
+    check(bool(r.teacher.path) or not r.needs_teacher(), "teacher.path", "a teacher is required by the loss terms")
+    s = r.student
+    if s.init == "teacher_layers":
+        check(bool(r.teacher.path), "teacher.path", "student.init 'teacher_layers' copies layers from a teacher")
+        check(bool(s.teacher_layers), "student.teacher_layers", "list the teacher layers to copy, e.g. [0, 2, 4]")
+        check(len(set(s.teacher_layers)) == len(s.teacher_layers) and min(s.teacher_layers) >= 0,
+              "student.teacher_layers", f"must be distinct layer indices >= 0, got {s.teacher_layers}")
+    if s.init == "checkpoint":
+        check(bool(s.path), "student.path", "student.init 'checkpoint' needs the checkpoint to continue from")
+    needs_head = any(t.kind in ("mlm", "logit_kl") for t in r.losses.terms)
+    check(s.mlm_head or not needs_head, "student.mlm_head", "the 'mlm' and 'logit_kl' terms need the MLM head")
+
+    d = r.data
+    check(bool(d.train_files) != bool(d.dataset), "data.train_files", "give either data.train_files or data.dataset")
+    for i, f in enumerate(d.train_files):
+        check(resolve_path(f).is_file(), f"data.train_files[{i}]", f"file not found: {f}")
+    check(8 <= d.max_length <= 8192, "data.max_length", f"must be between 8 and 8192, got {d.max_length}")
+    check(0 < d.mlm_probability < 1, "data.mlm_probability", f"must be in (0, 1), got {d.mlm_probability}")
+    check(0 < d.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {d.heldout_fraction}")
+    check(d.num_workers >= 1, "data.num_workers", "must be >= 1")
+
+    o = r.optim
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two values in [0, 1), got {o.betas}")
+    check(o.eps > 0, "optim.eps", "must be > 0")
+    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(0 <= o.warmup_steps < max(r.train.max_steps, 1), "optim.warmup_steps",
+          f"must be in [0, train.max_steps), got {o.warmup_steps}")
+
+    t = r.train
+    check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    for name in ("log_every", "eval_every", "save_every"):
+        check(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
+    check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+
+    check(r.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {r.deepspeed.zero_stage}")
+    if r.deepspeed.config:
+        load_deepspeed_json(r.deepspeed.config, _where("deepspeed.config", r.source, sources))
+
+
+def load_deepspeed_json(path: str, where: str = "deepspeed.config") -> dict:
+    """Read a user's DeepSpeed JSON; errors name the file."""
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(where, "deepspeed.config", f"DeepSpeed config not found: {path}")
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(str(p), "", f"not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(str(p), "", "a DeepSpeed config must be a JSON object")
+    return cfg
+
+
+def resolve_path(path: str) -> Path:
+    """Resolve ``pkg://package/sub/dir`` (files shipped inside an installed package) and ``~``."""
+    if path.startswith("pkg://"):
+        package, _, rest = path[len("pkg://"):].partition("/")
+        import importlib.util
+
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(path, "", f"package '{package}' is not installed")
+        return Path(list(spec.submodule_search_locations)[0]) / rest
+    return Path(path).expanduser()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if not f.metadata}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,304 @@
+"""Text in, masked batches out: read, split by document, tokenise once into a cache, mask, shard.
+
+Determinism is what makes resume exact and data sharding auditable:
+- the held-out split is a seeded split of documents, before chunking, so no document straddles it;
+- the batch at micro-step k on rank r is a pure function of (seed, k, r, world size): the sampler
+  keeps no state but the count of micro-batches consumed, which checkpoints save;
+- the MLM mask of a sequence is a pure function of (seed, epoch, sequence index), so a resumed run
+  masks exactly as the uninterrupted one did, whatever the RNG did in between.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from biodistill.engine.config import ConfigError, DataConfig, resolve_path
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the cached layout or the chunking rule changes
+_READERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def load_documents(data: DataConfig, source: str) -> datasets.Dataset:
+    """All documents as one ``datasets.Dataset`` with a single ``text`` column (empty ones dropped)."""
+    if data.dataset:
+        try:
+            parts = [datasets.load_dataset(data.dataset, data.dataset_config or None, split=data.dataset_split)]
+        except Exception as e:  # datasets raises many types for "cannot get it"; all mean the same here
+            raise ConfigError(source, "data.dataset", f"cannot load dataset {data.dataset!r}: {e}") from None
+        names = [f"data.dataset ({data.dataset})"]
+    else:
+        parts, names = [], []
+        for i, name in enumerate(data.train_files):
+            path = resolve_path(name)
+            reader = _READERS.get(path.suffix.lower())
+            if reader is None:
+                raise ConfigError(source, f"data.train_files[{i}]",
+                                  f"{name}: unknown format '{path.suffix}'; expected one of {', '.join(_READERS)}")
+            try:
+                part = datasets.load_dataset(reader, data_files=[str(path)], split="train",
+                                             cache_dir=str(Path(data.cache_dir).expanduser() / "raw"))
+            except Exception as e:
+                raise ConfigError(source, f"data.train_files[{i}]", f"cannot read {name} as {reader}: {e}") from None
+            parts.append(part)
+            names.append(f"data.train_files[{i}] ({name})")
+    docs = []
+    for part, name in zip(parts, names):
+        field = "text" if part.column_names == ["text"] else data.text_field
+        if field not in part.column_names:
+            raise ConfigError(source, "data.text_field",
+                              f"{name} has no column {field!r}; its columns are {part.column_names}")
+        part = part.select_columns([field])
+        if field != "text":
+            part = part.rename_column(field, "text")
+        docs.append(part.cast_column("text", datasets.Value("string")))
+    docs = datasets.concatenate_datasets(docs).filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+    if len(docs) < 2:
+        raise ConfigError(source, "data", f"found {len(docs)} non-empty document(s); need at least 2 (one held out)")
+    return docs
+
+
+# ------------------------------------------------------------------------------ tokenising + cache
+
+
+def _source_fingerprint(data: DataConfig) -> list:
+    if data.dataset:
+        return [data.dataset, data.dataset_config, data.dataset_split]
+    out = []
+    for name in data.train_files:
+        st = resolve_path(name).stat()
+        out.append([str(resolve_path(name).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_key(data: DataConfig, tokenizer) -> str:
+    key = {
+        "format": CACHE_FORMAT,
+        "sources": _source_fingerprint(data),
+        "text_field": data.text_field,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": data.max_length,
+        "packing": data.packing,
+        "heldout_fraction": data.heldout_fraction,
+        "seed": data.seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _chunker(tokenizer, max_length: int, packing: bool) -> Callable[[dict], dict]:
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    body = max_length - 2  # room for [CLS] ... [SEP]
+
+    def chunk(batch: dict) -> dict:
+        ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+        if packing:
+            # Documents joined by [SEP], cut into full blocks; the tail of each map batch is dropped,
+            # as transformers' run_mlm group_texts does.
+            stream = [tok for doc in ids for tok in doc + [sep_id]]
+            blocks = [stream[i : i + body] for i in range(0, len(stream) - body + 1, body)]
+        else:
+            blocks = [doc[:body] for doc in ids if doc]
+        return {"input_ids": [[cls_id, *b, sep_id] for b in blocks]}
+
+    return chunk
+
+
+def prepare(data: DataConfig, tokenizer, source: str, is_builder: bool, barrier: Callable[[], None]):
+    """Return ``(DatasetDict(train, heldout), info)``, tokenising only if no cache matches.
+
+    One process per node (``is_builder``) builds; the others wait at ``barrier`` then read the cache.
+    The cache directory appears whole or not at all: it is written under a temporary name and renamed.
+    """
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
+        raise ConfigError(source, "teacher.path", "the tokenizer needs [CLS], [SEP] and [MASK] tokens for masked-LM data")
+    root = Path(data.cache_dir).expanduser()
+    final = root / cache_key(data, tokenizer)
+    built = False
+    if is_builder and not (final / "meta.json").is_file():
+        _build(data, tokenizer, source, final)
+        built = True
+    barrier()
+    if not (final / "meta.json").is_file():
+        raise RuntimeError(f"data cache {final} was not built; is data.cache_dir shared between the ranks of a node?")
+    splits = datasets.load_from_disk(str(final))
+    info = json.loads((final / "meta.json").read_text())
+    info.update(path=str(final), from_cache=not built)
+    return splits, info
+
+
+def _build(data: DataConfig, tokenizer, source: str, final: Path) -> None:
+    start = time.perf_counter()
+    docs = load_documents(data, source)
+    n_held = max(1, round(len(docs) * data.heldout_fraction))
+    split = docs.train_test_split(test_size=n_held, seed=data.seed, shuffle=True)
+    chunk = _chunker(tokenizer, data.max_length, data.packing)
+    out = datasets.DatasetDict({
+        name: split[part].map(chunk, batched=True, batch_size=1000, remove_columns=["text"],
+                              num_proc=data.num_workers if data.num_workers > 1 else None,
+                              desc=f"tokenising {name}")
+        for name, part in (("train", "train"), ("heldout", "test"))
+    })
+    meta = {
+        "documents": {"train": len(split["train"]), "heldout": len(split["test"])},
+        "sequences": {k: len(v) for k, v in out.items()},
+        "tokens": {k: int(sum(len(x) for x in v["input_ids"])) for k, v in out.items()},
+        "max_length": data.max_length,
+        "packing": data.packing,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    for name, n in meta["sequences"].items():
+        if n == 0:
+            raise ConfigError(source, "data", f"the {name} split has no sequence of data.max_length={data.max_length} "
+                                              "tokens; add text or set data.packing: false")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.save_to_disk(str(tmp))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another node's builder won the race on a shared filesystem: same content
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("tokenised %s into %s", meta, final)
+
+
+# -------------------------------------------------------------------------------- masking, batches
+
+
+class MaskedBatches:
+    """Map-style view of a tokenised split; indexed by ``(epoch, i)`` so masks are reproducible."""
+
+    def __init__(self, split: datasets.Dataset):
+        self.split = split.with_format(None)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[int], int, int]:
+        epoch, index = key
+        return self.split[index]["input_ids"], epoch, index
+
+
+class MLMCollator:
+    """Pads a batch and applies BERT masking: ``p`` of the non-special tokens become targets, of which
+    80% are replaced by [MASK], 10% by a random token, 10% left unchanged.
+
+    Also computes the flat indices of the rows where the LM heads run (``rows``) and their labels, on
+    the CPU in the loader, so the training step needs no ``nonzero()`` host sync.
+    """
+
+    def __init__(self, tokenizer, mlm_probability: float, seed: int, logit_rows: str = "masked"):
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        self.p, self.seed, self.logit_rows = mlm_probability, seed, logit_rows
+
+    def mask(self, ids: list[int], epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+        ids = torch.tensor(ids, dtype=torch.long)
+        candidates = ~torch.isin(ids, self.special)
+        targets = (torch.rand(ids.shape, generator=g) < self.p) & candidates
+        action = torch.rand(ids.shape, generator=g)
+        random_tokens = torch.randint(self.vocab_size, ids.shape, generator=g)
+        labels = torch.where(targets, ids, -100)
+        ids = torch.where(targets & (action < 0.8), self.mask_id, ids)
+        ids = torch.where(targets & (action >= 0.8) & (action < 0.9), random_tokens, ids)
+        return ids, labels
+
+    def __call__(self, items: list[tuple[list[int], int, int]]) -> dict:
+        length = max(len(ids) for ids, _, _ in items)
+        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, (ids, epoch, index) in enumerate(items):
+            masked, target = self.mask(ids, epoch, index)
+            input_ids[row, : len(ids)], labels[row, : len(ids)], attention_mask[row, : len(ids)] = masked, target, 1
+        select = labels != -100 if self.logit_rows == "masked" else attention_mask.bool()
+        rows = select.flatten().nonzero().squeeze(1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "rows": rows,
+            "row_labels": labels.flatten().index_select(0, rows),
+            "sample_ids": torch.tensor([index for _, _, index in items]),
+        }
+
+
+class ShardedBatchSampler:
+    """Endless, deterministic batches of ``(epoch, index)`` for one rank.
+
+    Epoch e is a seeded permutation of the split; global micro-batch b of an epoch is its slice
+    ``[b*W*B, (b+1)*W*B)`` and rank r takes the r-th B of it, so the ranks together read every sequence
+    once per epoch (the remainder smaller than one global batch is left out of that epoch).
+    """
+
+    def __init__(self, num_samples: int, micro_batch: int, rank: int, world: int, seed: int,
+                 start: int = 0, shuffle: bool = True):
+        self.per_epoch = num_samples // (micro_batch * world)
+        if self.per_epoch == 0:
+            raise ConfigError("data", "train.micro_batch_size",
+                              f"the training split has {num_samples} sequences, fewer than one global micro-batch "
+                              f"({micro_batch} x {world} ranks); add data or lower train.micro_batch_size")
+        self.num_samples, self.micro_batch, self.rank, self.world = num_samples, micro_batch, rank, world
+        self.seed, self.start, self.shuffle = seed, start, shuffle
+        self._epoch, self._perm = -1, None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
+            self._epoch = epoch
+        return self._perm
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        epoch, b = divmod(step, self.per_epoch)
+        offset = (b * self.world + self.rank) * self.micro_batch
+        return [(epoch, int(i)) for i in self.permutation(epoch)[offset : offset + self.micro_batch]]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def heldout_batches(split: datasets.Dataset, collator: MLMCollator, micro_batch: int, rank: int, world: int,
+                    max_batches: int) -> list[dict]:
+    """The same fixed held-out batches at every evaluation; every rank gets the same number of them
+    (ZeRO-3 forwards are collectives, so an uneven count would hang)."""
+    if len(split) < world:
+        raise ConfigError("data", "data.heldout_fraction",
+                          f"the held-out split has {len(split)} sequences, fewer than the {world} ranks; raise it")
+    micro_batch = min(micro_batch, len(split) // world)
+    n = min(max_batches, len(split) // (micro_batch * world))
+    sampler = ShardedBatchSampler(len(split), micro_batch, rank, world, seed=0, shuffle=False)
+    data = MaskedBatches(split)
+    return [collator([data[k] for k in sampler.batch(b)]) for b in range(n)]
+
+
+def train_loader(split: datasets.Dataset, collator: MLMCollator, sampler: ShardedBatchSampler) -> DataLoader:
+    return DataLoader(MaskedBatches(split), batch_sampler=sampler, collate_fn=collator, num_workers=0)

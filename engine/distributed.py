@@ -1,0 +1,99 @@
+"""Process-group setup and the DeepSpeed config: built from the recipe's few knobs, or the user's JSON."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from biodistill.engine.config import ConfigError, Recipe, load_deepspeed_json
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join the job's process group: the deepspeed launcher, mpirun (ranks found through mpi4py), or a
+    plain ``python`` run, which becomes a world of one."""
+    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+    if not launched:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    accelerator = get_accelerator()
+    # NCCL on GPUs; on CPU DeepSpeed's accelerator names ccl when oneCCL is installed, gloo otherwise.
+    backend = accelerator.communication_backend_name()
+    if backend == "ccl":
+        try:
+            import oneccl_bindings_for_pytorch  # noqa: F401
+        except ImportError:
+            backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)))
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Ranks of one node share its cores; oversubscribed intra-op threads make every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    return Dist(rank, world, local_rank, local_world, device)
+
+
+def deepspeed_config(recipe: Recipe, world: int) -> dict:
+    """The DeepSpeed config for this job.
+
+    With ``deepspeed.config`` set, the user's JSON is used as DeepSpeed would use it; only the values
+    written ``"auto"`` (as in Hugging Face-style configs) are filled from the recipe.
+    """
+    t, ds = recipe.train, recipe.deepspeed
+    auto = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world,
+        "gradient_clipping": t.grad_clip,
+    }
+    if ds.config:
+        cfg = load_deepspeed_json(ds.config)
+        for key, value in list(cfg.items()):
+            if value == "auto":
+                if key not in auto:
+                    raise ConfigError(ds.config, key, f"'auto' is only understood for {', '.join(auto)}")
+                cfg[key] = auto[key]
+        return cfg
+    monitor_dir = os.path.join(t.output_dir, "monitor")
+    cfg = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # our progress bar and monitor report; DeepSpeed's own prints are noise
+        "tensorboard": {"enabled": ds.tensorboard, "output_path": monitor_dir, "job_name": "tensorboard"},
+        "csv_monitor": {"enabled": ds.csv, "output_path": monitor_dir, "job_name": "csv"},
+    }
+    return cfg

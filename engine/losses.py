@@ -1,0 +1,230 @@
+"""Distillation loss terms behind one interface, and the module DeepSpeed trains.
+
+Each term is an ``nn.Module`` built from its recipe entry; ``forward(student, teacher, batch)`` takes the
+two models' :class:`~biodistill.engine.models.Outputs` and returns a scalar. A term declares what it
+reads (``student_needs`` / ``teacher_needs``), so the models compute nothing more. Terms that own
+parameters (the hidden-MSE projection) are trained with the student and dropped at export, because
+they live in :class:`DistillationModel`, not in the student.
+
+Layer maps (see ``config.LayerMap``): hidden states are numbered 0 (embeddings) .. L, attention maps
+1 .. L. Multi-layer terms sum over their layer pairs, as TinyBERT and CompactBioBERT do.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biodistill.engine.config import ConfigError, LossesConfig, LossTermConfig
+from biodistill.engine.models import Needs, Outputs, encode, hidden_size, num_heads, num_layers
+from biodistill.kernels import temperature_kl
+
+_ATTN_EPS = 1e-12  # floor inside the logs of the attention KL, as the published scripts used
+
+
+class TermContext:
+    """What a term needs to know to build itself: both model configs and where its recipe entry is."""
+
+    def __init__(self, cfg: LossTermConfig, losses: LossesConfig, student_config, teacher_config, key: str, source: str):
+        self.cfg, self.losses, self.key, self.source = cfg, losses, key, source
+        self.student_config, self.teacher_config = student_config, teacher_config
+
+    def error(self, field: str, message: str) -> ConfigError:
+        return ConfigError(self.source, f"{self.key}.{field}" if field else self.key, message)
+
+    def layer_map(self, attention: bool) -> list[tuple[int, int]]:
+        spec = self.cfg.layer_map
+        ns, nt = num_layers(self.student_config), num_layers(self.teacher_config)
+        if spec == "last":
+            return [(ns, nt)]
+        if spec == "uniform":
+            if nt % ns:
+                raise self.error("layer_map", f"'uniform' needs teacher layers ({nt}) to be a multiple of student layers ({ns})")
+            return [(i, i * nt // ns) for i in range(1, ns + 1)]
+        low = 1 if attention else 0
+        pairs = [(int(s), int(t)) for s, t in spec]
+        for s, t in pairs:
+            if not (low <= s <= ns and low <= t <= nt):
+                what = "attention maps are numbered 1..L" if attention else "hidden states are numbered 0 (embeddings)..L"
+                raise self.error("layer_map", f"pair [{s}, {t}] is out of range: student has {ns} layers, teacher {nt}; {what}")
+        return pairs
+
+
+class LossTerm(nn.Module):
+    student_needs = Needs()
+    teacher_needs = Needs()
+
+    def __init__(self, ctx: TermContext):
+        super().__init__()
+        self.name = ctx.cfg.kind
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _token_mask(batch: dict) -> torch.Tensor:
+    return batch["attention_mask"].bool()
+
+
+class MLMLoss(LossTerm):
+    """Cross-entropy of the student's MLM head on the masked rows."""
+
+    student_needs = Needs(logits=True)
+
+    def forward(self, student, teacher, batch):
+        labels = batch["row_labels"]
+        total = F.cross_entropy(student.logits.float(), labels, ignore_index=-100, reduction="sum")
+        # Divide on device (no .item() sync); a batch with no masked row gives 0, not NaN.
+        return total / (labels != -100).sum().clamp(min=1)
+
+
+class LogitKL(LossTerm):
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), batchmean over the logit rows (``losses.logit_rows``)."""
+
+    student_needs = Needs(logits=True)
+    teacher_needs = Needs(logits=True)
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.temperature = ctx.cfg.temperature or ctx.losses.temperature
+        if ctx.student_config.vocab_size != ctx.teacher_config.vocab_size:
+            raise ctx.error("kind", f"logit_kl needs one vocabulary: student {ctx.student_config.vocab_size}, "
+                                    f"teacher {ctx.teacher_config.vocab_size}")
+
+    def forward(self, student, teacher, batch):
+        return temperature_kl(student.logits, teacher.logits, self.temperature, reduction="batchmean")
+
+
+class _HiddenTerm(LossTerm):
+    student_needs = Needs(hidden_states=True)
+    teacher_needs = Needs(hidden_states=True)
+
+    def __init__(self, ctx, allow_projection: bool):
+        super().__init__(ctx)
+        self.pairs = ctx.layer_map(attention=False)
+        hs, ht = hidden_size(ctx.student_config), hidden_size(ctx.teacher_config)
+        self.projection: Optional[nn.Linear] = None
+        if ctx.cfg.projection:
+            if not allow_projection:
+                raise ctx.error("projection", f"{ctx.cfg.kind} has no projection; use hidden_mse")
+            self.projection = nn.Linear(hs, ht)  # one W for every layer pair, as in TinyBERT
+        elif hs != ht:
+            raise ctx.error("kind", f"student width {hs} != teacher width {ht}: use hidden_mse with projection: true")
+
+    def pairs_at_tokens(self, student: Outputs, teacher: Outputs, batch: dict):
+        mask = _token_mask(batch)
+        for s, t in self.pairs:
+            hs = student.hidden_states[s][mask].float()
+            if self.projection is not None:
+                hs = self.projection(hs.to(self.projection.weight.dtype)).float()
+            yield hs, teacher.hidden_states[t][mask].float()
+
+
+class HiddenCosine(_HiddenTerm):
+    """Sum over layer pairs of the mean over non-pad tokens of 1 - cos(h_s, h_t)."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx, allow_projection=False)
+
+    def forward(self, student, teacher, batch):
+        return sum((1 - F.cosine_similarity(s, t, dim=-1)).mean() for s, t in self.pairs_at_tokens(student, teacher, batch))
+
+
+class HiddenMSE(_HiddenTerm):
+    """Sum over layer pairs of the element-wise MSE over non-pad tokens, through an optional projection."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx, allow_projection=True)
+
+    def forward(self, student, teacher, batch):
+        return sum(F.mse_loss(s, t) for s, t in self.pairs_at_tokens(student, teacher, batch))
+
+
+class _AttentionTerm(LossTerm):
+    student_needs = Needs(attentions=True)
+    teacher_needs = Needs(attentions=True)
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.pairs = ctx.layer_map(attention=True)
+        hs, ht = num_heads(ctx.student_config), num_heads(ctx.teacher_config)
+        if hs != ht:
+            raise ctx.error("kind", f"attention terms compare head by head: student has {hs} heads, teacher {ht}")
+
+    def forward(self, student, teacher, batch):
+        # Padded keys carry probability 0 in both maps; padded query rows are excluded.
+        valid = _token_mask(batch)[:, None, :, None].float()
+        total = 0
+        for s, t in self.pairs:
+            elem = self.elementwise(student.attentions[s - 1].float(), teacher.attentions[t - 1].float())
+            count = valid.sum() * elem.shape[1] * elem.shape[-1]
+            total = total + (elem * valid).sum() / count.clamp(min=1)
+        return total
+
+
+class AttentionKL(_AttentionTerm):
+    """KL(teacher || student) of post-softmax attention, element-wise mean over (batch, head, query, key)."""
+
+    @staticmethod
+    def elementwise(s, t):
+        return t * (torch.log(t + _ATTN_EPS) - torch.log(s + _ATTN_EPS))
+
+
+class AttentionMSE(_AttentionTerm):
+    """MSE of post-softmax attention probabilities, element-wise mean over valid query rows."""
+
+    @staticmethod
+    def elementwise(s, t):
+        return (s - t).pow(2)
+
+
+LOSSES: dict[str, type[LossTerm]] = {
+    "mlm": MLMLoss,
+    "logit_kl": LogitKL,
+    "hidden_cosine": HiddenCosine,
+    "hidden_mse": HiddenMSE,
+    "attention_kl": AttentionKL,
+    "attention_mse": AttentionMSE,
+}
+
+
+def build_terms(losses: LossesConfig, student_config, teacher_config, source: str) -> list[LossTerm]:
+    terms = []
+    for i, cfg in enumerate(losses.terms):
+        ctx = TermContext(cfg, losses, student_config, teacher_config or student_config, f"losses.terms[{i}]", source)
+        if teacher_config is None and cfg.kind != "mlm":
+            raise ctx.error("kind", f"{cfg.kind} needs a teacher (teacher.path)")
+        terms.append(LOSSES[cfg.kind](ctx))
+    return terms
+
+
+class DistillationModel(nn.Module):
+    """What DeepSpeed trains: the student and the loss terms' own parameters.
+
+    ``forward`` returns the weighted total loss, the unweighted per-term values ``[n_terms]`` (detached,
+    for logging) and the student's outputs (evaluation reads them).
+    """
+
+    def __init__(self, student: nn.Module, terms: list[LossTerm], weights: list[float]):
+        super().__init__()
+        self.student = student
+        self.terms = nn.ModuleList(terms)
+        self.weights = list(weights)
+        self.student_needs = Needs()
+        self.teacher_needs = Needs()
+        for term in terms:
+            self.student_needs |= term.student_needs
+            self.teacher_needs |= term.teacher_needs
+
+    @property
+    def term_names(self) -> list[str]:
+        return [t.name for t in self.terms]
+
+    def forward(self, batch: dict, teacher: Outputs, extra: Needs = Needs()):
+        student = encode(self.student, batch["input_ids"], batch["attention_mask"], self.student_needs | extra, batch["rows"])
+        values = [term(student, teacher, batch) for term in self.terms]
+        loss = sum(w * v for w, v in zip(self.weights, values))
+        return loss, torch.stack([v.detach().float() for v in values]), student

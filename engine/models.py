@@ -1,0 +1,110 @@
+"""What the engine asks of a Hugging Face encoder: hidden states, attention maps, and LM-head logits at
+selected rows only.
+
+Running the LM head over every token builds an N x V logit tensor (8 x 256 tokens x 29k vocab is 240 MB
+in fp32 per model); the published recipes only use logits at the MLM-masked rows, about 15% of them.
+So we run the model's body, gather the rows, and apply the head to those rows alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The outputs the active loss terms consume; nothing else is computed or kept."""
+
+    logits: bool = False
+    hidden_states: bool = False
+    attentions: bool = False
+
+    def __or__(self, other: "Needs") -> "Needs":
+        return Needs(*(a or b for a, b in zip(self.astuple(), other.astuple())))
+
+    def astuple(self) -> tuple[bool, bool, bool]:
+        return (self.logits, self.hidden_states, self.attentions)
+
+
+@dataclass
+class Outputs:
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None  # L+1 x [B, T, H]; 0 is the embedding output
+    attentions: Optional[tuple[torch.Tensor, ...]] = None  # L x [B, heads, T, T], post-softmax
+    logits: Optional[torch.Tensor] = None  # [rows, V] at the selected rows only
+
+
+# model_type -> the MLM head as a callable on [rows, H] hidden states. An explicit table: a model type
+# missing here fails loudly at start (see mlm_head) rather than silently computing full logits.
+_MLM_HEADS: dict[str, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "bert": lambda m: m.cls,
+    "mobilebert": lambda m: m.cls,
+    "roberta": lambda m: m.lm_head,
+    "xlm-roberta": lambda m: m.lm_head,
+    "camembert": lambda m: m.lm_head,
+    "albert": lambda m: m.predictions,
+    "distilbert": lambda m: nn.Sequential(m.vocab_transform, m.activation, m.vocab_layer_norm, m.vocab_projector),
+    "electra": lambda m: nn.Sequential(m.generator_predictions, m.generator_lm_head),
+}
+
+
+def has_mlm_head(model: nn.Module) -> bool:
+    return model is not model.base_model
+
+
+def mlm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    model_type = model.config.model_type
+    if model_type not in _MLM_HEADS:
+        raise ValueError(f"no masked-LM head adapter for model_type '{model_type}'; known: {', '.join(_MLM_HEADS)}")
+    return _MLM_HEADS[model_type](model)
+
+
+def encode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    needs: Needs,
+    rows: Optional[torch.Tensor] = None,
+) -> Outputs:
+    """Run ``model``'s body and, when ``needs.logits``, its MLM head at the flat token indices ``rows``.
+
+    ``rows`` indexes ``[B*T]`` (flattened batch and time); the logits come back as ``[len(rows), V]``.
+    """
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=needs.hidden_states,
+        output_attentions=needs.attentions,
+        return_dict=True,
+    )
+    logits = None
+    if needs.logits:
+        if rows is None:
+            raise ValueError("logits were asked for without the rows to compute them at")
+        hidden = out.last_hidden_state.flatten(0, 1).index_select(0, rows)
+        logits = mlm_head(model)(hidden)
+    return Outputs(
+        hidden_states=out.hidden_states if needs.hidden_states else None,
+        attentions=out.attentions if needs.attentions else None,
+        logits=logits,
+    )
+
+
+def attn_implementation(needs: Needs) -> Optional[str]:
+    # SDPA and flash kernels never materialise the probabilities, so attention terms need eager attention.
+    return "eager" if needs.attentions else None
+
+
+def num_layers(config) -> int:
+    return config.num_hidden_layers
+
+
+def hidden_size(config) -> int:
+    return config.hidden_size if hasattr(config, "hidden_size") else config.dim
+
+
+def num_heads(config) -> int:
+    return config.num_attention_heads

@@ -1,0 +1,123 @@
+"""Student builders, one per ``student.init``: a random init from a config, a copy of the teacher's
+embeddings and chosen layers, or an existing checkpoint (continual MLM pretraining).
+
+Everything here runs before ``deepspeed.initialize``, so weights are copied from whole tensors, before
+ZeRO partitions them. :func:`student_config` gives the student's config without building it, so the
+recipe's layer maps can be checked before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Callable, Optional
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
+
+from biodistill.engine.config import ConfigError, Recipe
+from biodistill.engine.models import Needs, attn_implementation, has_mlm_head, num_layers
+from biodistill.engine.teacher import model_location
+
+# "encoder.layer.7.attention..." (BERT, RoBERTa), "transformer.layer.7..." (DistilBERT)
+_LAYER_KEY = re.compile(r"^(.*?\blayers?)\.(\d+)\.(.*)$")
+
+
+def load_config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(model_location(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(recipe.source, key, f"cannot load a model config from {path!r}: {e}") from None
+
+
+def student_config(recipe: Recipe, teacher_config: Optional[PretrainedConfig]) -> PretrainedConfig:
+    s = recipe.student
+    if s.init == "checkpoint" or (s.init == "config" and s.path):
+        base = load_config(s.path, recipe, "student.path")
+    elif teacher_config is not None:
+        base = copy.deepcopy(teacher_config)
+    else:
+        raise ConfigError(recipe.source, "student.path", "a random init needs a config: student.path or a teacher")
+    if s.init == "teacher_layers":
+        depth = num_layers(base)
+        bad = [i for i in s.teacher_layers if i >= depth]
+        if bad:
+            raise ConfigError(recipe.source, "student.teacher_layers",
+                              f"teacher {recipe.teacher.path!r} has {depth} layers (0..{depth - 1}); cannot copy {bad}")
+        base.num_hidden_layers = len(s.teacher_layers)
+    for key, value in s.overrides.items():
+        if not hasattr(base, key):
+            raise ConfigError(recipe.source, f"student.overrides.{key}", f"{type(base).__name__} has no field '{key}'")
+        setattr(base, key, value)
+    return base
+
+
+def _new(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch.nn.Module:
+    cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
+    return cls.from_config(config, attn_implementation=attn_implementation(needs) or "sdpa", dtype=torch.float32)
+
+
+def from_config(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
+    return _new(recipe, student_config(recipe, teacher.config if teacher is not None else None), needs)
+
+
+def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
+    """Embeddings plus ``student.teacher_layers`` (0-indexed) of the teacher, in that order; the MLM head
+    too when both models have one."""
+    layers = recipe.student.teacher_layers
+    student = _new(recipe, student_config(recipe, teacher.config), needs)
+    source = {}
+    for key, value in teacher.base_model.state_dict().items():
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            source[key] = value
+        elif int(match.group(2)) in layers:
+            source[f"{match.group(1)}.{layers.index(int(match.group(2)))}.{match.group(3)}"] = value
+    target = student.base_model.state_dict()
+    missing = [k for k in target if k not in source and not k.endswith("position_ids")]
+    if missing:
+        raise ConfigError(recipe.source, "student.init",
+                          f"the teacher has no weights for student parameters {missing[:3]}: "
+                          "'teacher_layers' needs a student of the teacher's architecture")
+    if recipe.student.mlm_head and has_mlm_head(teacher):
+        # A trained head is a far better start than a random one.
+        prefix = student.base_model_prefix + "."
+        teacher_sd = teacher.state_dict()
+        target = {**{prefix + k: v for k, v in target.items()},
+                  **{k: v for k, v in student.state_dict().items() if not k.startswith(prefix) and k in teacher_sd}}
+        source = {**{prefix + k: v for k, v in source.items()}, **teacher_sd}
+    with torch.no_grad():
+        for key, tensor in target.items():
+            if key not in source:
+                continue
+            if source[key].shape != tensor.shape:
+                raise ConfigError(recipe.source, "student.overrides",
+                                  f"{key}: student shape {tuple(tensor.shape)} != teacher {tuple(source[key].shape)}")
+            tensor.copy_(source[key].float())
+    return student
+
+
+def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
+    cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
+    kwargs = {"dtype": torch.float32}
+    if attn_implementation(needs):
+        kwargs["attn_implementation"] = attn_implementation(needs)
+    student_config(recipe, None)  # overrides checked with the key named
+    try:
+        model = cls.from_pretrained(model_location(recipe.student.path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(recipe.source, "student.path", f"cannot load a model from {recipe.student.path!r}: {e}") from None
+    for key, value in recipe.student.overrides.items():
+        setattr(model.config, key, value)
+    return model
+
+
+STUDENT_BUILDERS: dict[str, Callable[[Recipe, Needs, Optional[torch.nn.Module]], torch.nn.Module]] = {
+    "config": from_config,
+    "teacher_layers": from_teacher_layers,
+    "checkpoint": from_checkpoint,
+}
+
+
+def build_student(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
+    return STUDENT_BUILDERS[recipe.student.init](recipe, needs, teacher)

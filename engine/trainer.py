@@ -1,0 +1,274 @@
+"""The distillation loop: frozen teacher forward, student forward/backward under DeepSpeed, step, log,
+evaluate, checkpoint, export. The same code runs on one CPU process and on a GPU cluster."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+from biodistill.engine import checkpoint, data
+from biodistill.engine.config import ConfigError, Recipe
+from biodistill.engine.distributed import deepspeed_config, init_distributed
+from biodistill.engine.losses import DistillationModel, build_terms
+from biodistill.engine.models import Needs, Outputs, encode, has_mlm_head, hidden_size
+from biodistill.engine.students import build_student, load_config, student_config
+from biodistill.engine.teacher import load_teacher, model_location
+
+log = logging.getLogger("biodistill")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # No decay on biases and norm weights (1-D tensors), as BERT pretraining does.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: Optional[str] = None):
+        self.recipe, self.resume = recipe, resume
+        self.dist = init_distributed()
+        self.out = Path(recipe.train.output_dir)
+        seed_everything(recipe.train.seed)  # the same on every rank: random inits must agree before ZeRO
+        self._build_models()
+        self._build_engine()
+        self._build_data()
+        seed_everything(recipe.train.seed + self.dist.rank)  # dropout differs across ranks, as it should
+        self.step, self.consumed = 0, 0
+
+    # ------------------------------------------------------------------------------------ building
+
+    def _build_models(self) -> None:
+        r = self.recipe
+        probe = build_terms(r.losses, _config_only(r), _teacher_config(r), r.source)  # needs, before loading
+        student_needs = teacher_needs = Needs()
+        for term in probe:
+            student_needs, teacher_needs = student_needs | term.student_needs, teacher_needs | term.teacher_needs
+        self.teacher = load_teacher(r, teacher_needs, self.dist.device) if r.needs_teacher() or r.student.init == "teacher_layers" else None
+        tokenizer_source = r.teacher.path or r.student.path
+        self.tokenizer = AutoTokenizer.from_pretrained(model_location(tokenizer_source))
+        self.student = build_student(r, student_needs, self.teacher)
+        if not r.needs_teacher():
+            self.teacher = None  # only used to initialise the student
+        terms = build_terms(r.losses, self.student.config, self.teacher.config if self.teacher else None, r.source)
+        self.model = DistillationModel(self.student, terms, [t.weight for t in r.losses.terms])
+
+    def _build_engine(self) -> None:
+        r = self.recipe
+        ds_config = deepspeed_config(r, self.dist.world)
+        optimizer = scheduler = None
+        if "optimizer" not in ds_config:
+            optimizer = torch.optim.AdamW(param_groups(self.model, r.optim.weight_decay), lr=r.optim.lr,
+                                          betas=tuple(r.optim.betas), eps=r.optim.eps)
+        if "scheduler" not in ds_config:
+            def scheduler(opt):  # noqa: E306  DeepSpeed calls it with the optimizer it ends up using
+                return get_linear_schedule_with_warmup(opt, r.optim.warmup_steps, r.train.max_steps)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    model_parameters=param_groups(self.model, r.optim.weight_decay)
+                                                    if optimizer is None else None, config=ds_config)
+        # DeepSpeed resolves batch sizes and precision from whichever config it was given: read them back.
+        self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
+        self.grad_accum = self.engine.gradient_accumulation_steps()
+        self.input_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else torch.float32
+
+    def _build_data(self) -> None:
+        r, d = self.recipe, self.dist
+        splits, self.data_info = data.prepare(r.data, self.tokenizer, r.source, is_builder=d.local_rank == 0, barrier=dist.barrier)
+        collator = data.MLMCollator(self.tokenizer, r.data.mlm_probability, r.data.seed, r.losses.logit_rows)
+        self.train_split, self.collator = splits["train"], collator
+        self.heldout = data.heldout_batches(splits["heldout"], collator, self.micro_batch, d.rank, d.world, r.train.eval_batches)
+
+    def _batches(self):
+        sampler = data.ShardedBatchSampler(len(self.train_split), self.micro_batch, self.dist.rank, self.dist.world,
+                                           self.recipe.data.seed, start=self.consumed)
+        return iter(data.train_loader(self.train_split, self.collator, sampler))
+
+    # ----------------------------------------------------------------------------------- the step
+
+    def teacher_outputs(self, batch: dict, extra: Needs = Needs()) -> Outputs:
+        if self.teacher is None:
+            return Outputs()
+        with torch.no_grad():
+            out = encode(self.teacher, batch["input_ids"], batch["attention_mask"], self.model.teacher_needs | extra, batch["rows"])
+        # Loss terms read teacher tensors in fp32; the fp16 teacher's outputs are upcast once here.
+        return Outputs(*(None if x is None else tuple(t.float() for t in x) if isinstance(x, tuple) else x.float()
+                         for x in (out.hidden_states, out.attentions, out.logits)))
+
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimiser step over ``grad_accum`` micro-batches; returns [loss, *terms] summed over them."""
+        totals = torch.zeros(len(self.model.terms) + 2)
+        for _ in range(self.grad_accum):
+            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(batches).items()}
+            teacher = self.teacher_outputs(batch)
+            loss, values, _ = self.engine(batch, teacher)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimiser only at the accumulation boundary
+            totals += torch.cat([loss.detach().float().reshape(1), values, batch["attention_mask"].sum().reshape(1)]).cpu()
+            self.consumed += 1
+        return totals
+
+    def fit(self) -> dict:
+        r, d = self.recipe, self.dist
+        if self.resume is not None:
+            self._load()
+        before = self.evaluate()
+        self._report_eval("before", before)
+        batches = self._batches()
+        window, window_start = torch.zeros(len(self.model.terms) + 2), time.perf_counter()
+        bar = tqdm(total=r.train.max_steps, initial=self.step, disable=not d.is_main, desc="distilling", dynamic_ncols=True)
+        while self.step < r.train.max_steps:
+            window += self.train_step(batches)
+            self.step += 1
+            bar.update(1)
+            if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
+                self._log(window, time.perf_counter() - window_start, bar)
+                window, window_start = torch.zeros_like(window), time.perf_counter()
+            if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step < r.train.max_steps:
+                self._write("eval", self.evaluate())
+            if r.train.save_every and self.step % r.train.save_every == 0 and self.step < r.train.max_steps:
+                self.save()
+        bar.close()
+        after = self.evaluate()
+        self._report_eval("after", after)
+        self.save()
+        summary = {"steps": self.step, "before": before, "after": after, "data": self.data_info}
+        if r.train.export:
+            summary["export"] = self.export()
+        if d.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            tqdm.write(format_report(before, after))
+        return summary
+
+    # -------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss terms and teacher-student agreement, averaged over every rank's batches."""
+        self.engine.eval()
+        names = [f"loss/{n}" for n in self.model.term_names] + ["agreement/hidden_cosine", "agreement/top1", "student/mlm_loss"]
+        sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
+        for batch in self.heldout:
+            batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+            teacher = self.teacher_outputs(batch, Needs(hidden_states=True))
+            _, values, student = self.engine(batch, teacher, Needs(hidden_states=True))
+            extra = self._agreement(batch, student, teacher)
+            row = torch.cat([values.cpu(), extra])
+            sums += torch.nan_to_num(row)
+            counts += ~row.isnan()
+        self.engine.train()
+        stats = torch.cat([sums, counts])
+        dist.all_reduce(stats)
+        sums, counts = stats.chunk(2)
+        return {n: (s / c).item() for n, s, c in zip(names, sums, counts) if c > 0}
+
+    def _agreement(self, batch: dict, student: Outputs, teacher: Outputs) -> torch.Tensor:
+        nan = float("nan")
+        cosine = top1 = mlm = nan
+        if teacher.hidden_states is not None and hidden_size(self.student.config) == hidden_size(self.teacher.config):
+            mask = batch["attention_mask"].bool()
+            cosine = F.cosine_similarity(student.hidden_states[-1][mask].float(), teacher.hidden_states[-1][mask], dim=-1).mean().item()
+        if student.logits is not None and teacher.logits is not None and len(batch["rows"]):
+            top1 = (student.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean().item()
+        if student.logits is not None and (batch["row_labels"] != -100).any():
+            mlm = F.cross_entropy(student.logits.float(), batch["row_labels"], ignore_index=-100).item()
+        return torch.tensor([cosine, top1, mlm])
+
+    # ---------------------------------------------------------------------------------- reporting
+
+    def _log(self, window: torch.Tensor, seconds: float, bar) -> None:
+        window = window.clone()
+        dist.all_reduce(window)  # one collective per log interval, not per step
+        micro_steps = self.grad_accum * self.recipe.train.log_every * self.dist.world
+        tokens = window[-1].item()
+        means = (window[:-1] / micro_steps).tolist()
+        metrics = {"loss": means[0], **dict(zip(self.model.term_names, means[1:])),
+                   "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / max(seconds, 1e-9)}
+        self._write("train", metrics)
+        bar.set_postfix(loss=f"{means[0]:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+
+    def _write(self, prefix: str, metrics: dict[str, float]) -> None:
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events([(f"{prefix}/{k}", v, self.step) for k, v in metrics.items()])
+
+    def _report_eval(self, when: str, metrics: dict[str, float]) -> None:
+        self._write(f"eval_{when}", metrics)
+        if self.dist.is_main:
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            tqdm.write(f"[biodistill] held-out {when} (step {self.step}): {shown}")
+
+    # ------------------------------------------------------------------------ checkpoints, export
+
+    def save(self) -> None:
+        checkpoint.save(self.engine, str(self.out / "checkpoints"), self.step, self.consumed, self.recipe.to_dict())
+
+    def _load(self) -> None:
+        directory = self.out / "checkpoints"
+        tag = self.resume or None
+        try:
+            client = checkpoint.load(self.engine, str(directory), tag)
+        except FileNotFoundError as e:
+            raise ConfigError("--resume", "", str(e)) from None
+        if client is None:
+            if self.dist.is_main:
+                tqdm.write(f"[biodistill] --resume: no checkpoint in {directory}; starting from step 0")
+            return
+        self.step, self.consumed = client["step"], client["consumed_micro_batches"]
+        if self.dist.is_main:
+            tqdm.write(f"[biodistill] resumed from {directory} at step {self.step}")
+
+    def export(self) -> Optional[str]:
+        """Export the student (without the loss terms' projections) and check the files reload exactly."""
+        state = checkpoint.gathered_state_dict(self.engine, self.student)
+        path = None
+        if self.dist.is_main:
+            path = checkpoint.export(state, self.student, self.tokenizer, str(self.out / "student"))
+            reloaded = type(self.student).from_pretrained(path).state_dict()
+            worst = max((reloaded[k].float() - v.float()).abs().max().item() for k, v in state.items() if k in reloaded)
+            missing = [k for k in state if k not in reloaded]
+            if missing or worst != 0:
+                raise RuntimeError(f"exported student at {path} does not reload exactly (max diff {worst}, missing {missing[:3]})")
+            tqdm.write(f"[biodistill] student exported to {path}: reloaded with from_pretrained, {len(state)} tensors identical")
+        dist.barrier()
+        return str(path) if path else None
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def format_report(before: dict[str, float], after: dict[str, float]) -> str:
+    """The held-out table printed at the end: each metric before and after distillation."""
+    lines = ["", "held-out teacher-student comparison   before      after", "-" * 58]
+    for key in before:
+        better = "higher is better" if key.startswith("agreement") else "lower is better"
+        lines.append(f"{key:<36}{before[key]:>8.4f} {after.get(key, float('nan')):>10.4f}   ({better})")
+    return "\n".join(lines)
+
+
+def _teacher_config(recipe: Recipe):
+    return load_config(recipe.teacher.path, recipe, "teacher.path") if recipe.teacher.path else None
+
+
+def _config_only(recipe: Recipe):
+    """The student's config without building it, so terms can be checked before any weights load."""
+    return student_config(recipe, _teacher_config(recipe))
+

@@ -1,0 +1,40 @@
+"""biodistill: knowledge distillation of compact biomedical and clinical encoders under DeepSpeed.
+
+The repository keeps its folders flat (engine/, kernels/) so that a newcomer sees what the system is;
+``package_dir`` installs them under the ``biodistill`` import name. We never install a top-level
+``kernels`` or ``engine`` module: ``kernels`` is a Hugging Face package that transformers probes at import.
+"""
+
+from setuptools import setup
+
+setup(
+    name="biodistill",
+    version="0.1.0",
+    description="DeepSpeed knowledge distillation for compact biomedical and clinical language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["biodistill.engine", "biodistill.kernels"],
+    package_dir={"biodistill.engine": "engine", "biodistill.kernels": "kernels"},
+    package_data={"biodistill.engine": ["assets/*.jsonl"]},
+    # torch is deliberately loose: install the pinned build first (README), so that nothing here
+    # pulls a multi-GB CUDA wheel on a CPU machine.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "tokenizers",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "numpy",
+        "pyarrow",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["biodistill-train=biodistill.engine.cli:main"]},
+)
