@@ -20,8 +20,14 @@ def parse_args(argv: list[str] | None = None):
         "Override any recipe key with --section.key value (e.g. --train.max_steps 50).",
     )
     parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
-    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="TAG",
-                        help="continue from the latest checkpoint in train.output_dir (or from TAG, e.g. step400)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="TAG",
+        help="continue from the latest checkpoint in train.output_dir (or from TAG, e.g. step400)",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     import deepspeed  # its standard flags: --deepspeed, --deepspeed_config ds.json
 

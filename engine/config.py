@@ -186,7 +186,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
                 raise ConfigError(f"command line --{key}", key, "missing value")
             value, i = argv[i + 1], i + 1
         try:
-            pairs.append((key, yaml.safe_load(value) if value != "" else "")) 
+            pairs.append((key, yaml.safe_load(value) if value != "" else ""))
         except yaml.YAMLError:
             pairs.append((key, value))
         i += 1
@@ -236,9 +236,7 @@ def _convert(tp: Any, value: Any, key: str, source: str, sources: dict[str, str]
                 hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
                 sub = f"{key}.{k}" if key else str(k)
                 raise ConfigError(_where(sub, source, sources), sub, f"unknown key{hint}")
-        kwargs = {
-            k: _convert(hints[k], v, f"{key}.{k}" if key else k, source, sources) for k, v in value.items()
-        }
+        kwargs = {k: _convert(hints[k], v, f"{key}.{k}" if key else k, source, sources) for k, v in value.items()}
         return tp(**kwargs)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -307,12 +305,18 @@ def validate(r: Recipe, sources: dict[str, str] | None = None) -> None:
         check(term.weight >= 0, f"{k}.weight", f"must be >= 0, got {term.weight}")
         check(term.temperature is None or term.temperature > 0, f"{k}.temperature", "must be > 0")
         if isinstance(term.layer_map, str):
-            check(term.layer_map in ("last", "uniform"), f"{k}.layer_map",
-                  f"must be 'last', 'uniform' or a list of [student, teacher] pairs, got {term.layer_map!r}")
+            check(
+                term.layer_map in ("last", "uniform"),
+                f"{k}.layer_map",
+                f"must be 'last', 'uniform' or a list of [student, teacher] pairs, got {term.layer_map!r}",
+            )
         else:
             for j, pair in enumerate(term.layer_map):
-                check(len(pair) == 2 and min(pair) >= 0, f"{k}.layer_map[{j}]",
-                      f"must be a [student, teacher] pair of layer numbers >= 0, got {pair}")
+                check(
+                    len(pair) == 2 and min(pair) >= 0,
+                    f"{k}.layer_map[{j}]",
+                    f"must be a [student, teacher] pair of layer numbers >= 0, got {pair}",
+                )
     check(r.losses.temperature > 0, "losses.temperature", f"must be > 0, got {r.losses.temperature}")
 
     check(bool(r.teacher.path) or not r.needs_teacher(), "teacher.path", "a teacher is required by the loss terms")
@@ -320,8 +324,11 @@ def validate(r: Recipe, sources: dict[str, str] | None = None) -> None:
     if s.init == "teacher_layers":
         check(bool(r.teacher.path), "teacher.path", "student.init 'teacher_layers' copies layers from a teacher")
         check(bool(s.teacher_layers), "student.teacher_layers", "list the teacher layers to copy, e.g. [0, 2, 4]")
-        check(len(set(s.teacher_layers)) == len(s.teacher_layers) and min(s.teacher_layers) >= 0,
-              "student.teacher_layers", f"must be distinct layer indices >= 0, got {s.teacher_layers}")
+        check(
+            len(set(s.teacher_layers)) == len(s.teacher_layers) and min(s.teacher_layers) >= 0,
+            "student.teacher_layers",
+            f"must be distinct layer indices >= 0, got {s.teacher_layers}",
+        )
     if s.init == "checkpoint":
         check(bool(s.path), "student.path", "student.init 'checkpoint' needs the checkpoint to continue from")
     needs_head = any(t.kind in ("mlm", "logit_kl") for t in r.losses.terms)
@@ -336,14 +343,6 @@ def validate(r: Recipe, sources: dict[str, str] | None = None) -> None:
     check(0 < d.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {d.heldout_fraction}")
     check(d.num_workers >= 1, "data.num_workers", "must be >= 1")
 
-    o = r.optim
-    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two values in [0, 1), got {o.betas}")
-    check(o.eps > 0, "optim.eps", "must be > 0")
-    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    check(0 <= o.warmup_steps < max(r.train.max_steps, 1), "optim.warmup_steps",
-          f"must be in [0, train.max_steps), got {o.warmup_steps}")
-
     t = r.train
     check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
@@ -354,7 +353,26 @@ def validate(r: Recipe, sources: dict[str, str] | None = None) -> None:
     check(t.log_every >= 1, "train.log_every", "must be >= 1")
     check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
 
-    check(r.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {r.deepspeed.zero_stage}")
+    o = r.optim
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        f"must be two values in [0, 1), got {o.betas}",
+    )
+    check(o.eps > 0, "optim.eps", "must be > 0")
+    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(
+        0 <= o.warmup_steps < max(r.train.max_steps, 1),
+        "optim.warmup_steps",
+        f"must be in [0, train.max_steps), got {o.warmup_steps}",
+    )
+
+    check(
+        r.deepspeed.zero_stage in (0, 1, 2, 3),
+        "deepspeed.zero_stage",
+        f"must be 0, 1, 2 or 3, got {r.deepspeed.zero_stage}",
+    )
     if r.deepspeed.config:
         load_deepspeed_json(r.deepspeed.config, _where("deepspeed.config", r.source, sources))
 
@@ -376,7 +394,7 @@ def load_deepspeed_json(path: str, where: str = "deepspeed.config") -> dict:
 def resolve_path(path: str) -> Path:
     """Resolve ``pkg://package/sub/dir`` (files shipped inside an installed package) and ``~``."""
     if path.startswith("pkg://"):
-        package, _, rest = path[len("pkg://"):].partition("/")
+        package, _, rest = path[len("pkg://") :].partition("/")
         import importlib.util
 
         spec = importlib.util.find_spec(package)

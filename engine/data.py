@@ -16,8 +16,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import datasets
 import torch
@@ -48,11 +48,18 @@ def load_documents(data: DataConfig, source: str) -> datasets.Dataset:
             path = resolve_path(name)
             reader = _READERS.get(path.suffix.lower())
             if reader is None:
-                raise ConfigError(source, f"data.train_files[{i}]",
-                                  f"{name}: unknown format '{path.suffix}'; expected one of {', '.join(_READERS)}")
+                raise ConfigError(
+                    source,
+                    f"data.train_files[{i}]",
+                    f"{name}: unknown format '{path.suffix}'; expected one of {', '.join(_READERS)}",
+                )
             try:
-                part = datasets.load_dataset(reader, data_files=[str(path)], split="train",
-                                             cache_dir=str(Path(data.cache_dir).expanduser() / "raw"))
+                part = datasets.load_dataset(
+                    reader,
+                    data_files=[str(path)],
+                    split="train",
+                    cache_dir=str(Path(data.cache_dir).expanduser() / "raw"),
+                )
             except Exception as e:
                 raise ConfigError(source, f"data.train_files[{i}]", f"cannot read {name} as {reader}: {e}") from None
             parts.append(part)
@@ -61,13 +68,16 @@ def load_documents(data: DataConfig, source: str) -> datasets.Dataset:
     for part, name in zip(parts, names):
         field = "text" if part.column_names == ["text"] else data.text_field
         if field not in part.column_names:
-            raise ConfigError(source, "data.text_field",
-                              f"{name} has no column {field!r}; its columns are {part.column_names}")
+            raise ConfigError(
+                source, "data.text_field", f"{name} has no column {field!r}; its columns are {part.column_names}"
+            )
         part = part.select_columns([field])
         if field != "text":
             part = part.rename_column(field, "text")
         docs.append(part.cast_column("text", datasets.Value("string")))
-    docs = datasets.concatenate_datasets(docs).filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+    docs = datasets.concatenate_datasets(docs).filter(
+        lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True
+    )
     if len(docs) < 2:
         raise ConfigError(source, "data", f"found {len(docs)} non-empty document(s); need at least 2 (one held out)")
     return docs
@@ -87,9 +97,16 @@ def _source_fingerprint(data: DataConfig) -> list:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the token ids: vocabulary, normaliser, pre-tokeniser, model, added tokens. The
+    backend's truncation/padding state is left out: calling the tokenizer changes it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def cache_key(data: DataConfig, tokenizer) -> str:
@@ -111,8 +128,9 @@ def _chunker(tokenizer, max_length: int, packing: bool) -> Callable[[dict], dict
     body = max_length - 2  # room for [CLS] ... [SEP]
 
     def chunk(batch: dict) -> dict:
-        ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"]
+        ids = tokenizer(
+            batch["text"], add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+        )["input_ids"]
         if packing:
             # Documents joined by [SEP], cut into full blocks; the tail of each map batch is dropped,
             # as transformers' run_mlm group_texts does.
@@ -132,7 +150,9 @@ def prepare(data: DataConfig, tokenizer, source: str, is_builder: bool, barrier:
     The cache directory appears whole or not at all: it is written under a temporary name and renamed.
     """
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
-        raise ConfigError(source, "teacher.path", "the tokenizer needs [CLS], [SEP] and [MASK] tokens for masked-LM data")
+        raise ConfigError(
+            source, "teacher.path", "the tokenizer needs [CLS], [SEP] and [MASK] tokens for masked-LM data"
+        )
     root = Path(data.cache_dir).expanduser()
     final = root / cache_key(data, tokenizer)
     built = False
@@ -154,12 +174,19 @@ def _build(data: DataConfig, tokenizer, source: str, final: Path) -> None:
     n_held = max(1, round(len(docs) * data.heldout_fraction))
     split = docs.train_test_split(test_size=n_held, seed=data.seed, shuffle=True)
     chunk = _chunker(tokenizer, data.max_length, data.packing)
-    out = datasets.DatasetDict({
-        name: split[part].map(chunk, batched=True, batch_size=1000, remove_columns=["text"],
-                              num_proc=data.num_workers if data.num_workers > 1 else None,
-                              desc=f"tokenising {name}")
-        for name, part in (("train", "train"), ("heldout", "test"))
-    })
+    out = datasets.DatasetDict(
+        {
+            name: split[part].map(
+                chunk,
+                batched=True,
+                batch_size=1000,
+                remove_columns=["text"],
+                num_proc=data.num_workers if data.num_workers > 1 else None,
+                desc=f"tokenising {name}",
+            )
+            for name, part in (("train", "train"), ("heldout", "test"))
+        }
+    )
     meta = {
         "documents": {"train": len(split["train"]), "heldout": len(split["test"])},
         "sequences": {k: len(v) for k, v in out.items()},
@@ -170,8 +197,12 @@ def _build(data: DataConfig, tokenizer, source: str, final: Path) -> None:
     }
     for name, n in meta["sequences"].items():
         if n == 0:
-            raise ConfigError(source, "data", f"the {name} split has no sequence of data.max_length={data.max_length} "
-                                              "tokens; add text or set data.packing: false")
+            raise ConfigError(
+                source,
+                "data",
+                f"the {name} split has no sequence of data.max_length={data.max_length} "
+                "tokens; add text or set data.packing: false",
+            )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -256,13 +287,17 @@ class ShardedBatchSampler:
     once per epoch (the remainder smaller than one global batch is left out of that epoch).
     """
 
-    def __init__(self, num_samples: int, micro_batch: int, rank: int, world: int, seed: int,
-                 start: int = 0, shuffle: bool = True):
+    def __init__(
+        self, num_samples: int, micro_batch: int, rank: int, world: int, seed: int, start: int = 0, shuffle: bool = True
+    ):
         self.per_epoch = num_samples // (micro_batch * world)
         if self.per_epoch == 0:
-            raise ConfigError("data", "train.micro_batch_size",
-                              f"the training split has {num_samples} sequences, fewer than one global micro-batch "
-                              f"({micro_batch} x {world} ranks); add data or lower train.micro_batch_size")
+            raise ConfigError(
+                "data",
+                "train.micro_batch_size",
+                f"the training split has {num_samples} sequences, fewer than one global micro-batch "
+                f"({micro_batch} x {world} ranks); add data or lower train.micro_batch_size",
+            )
         self.num_samples, self.micro_batch, self.rank, self.world = num_samples, micro_batch, rank, world
         self.seed, self.start, self.shuffle = seed, start, shuffle
         self._epoch, self._perm = -1, None
@@ -270,7 +305,9 @@ class ShardedBatchSampler:
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
+            self._perm = (
+                torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
+            )
             self._epoch = epoch
         return self._perm
 
@@ -286,13 +323,17 @@ class ShardedBatchSampler:
             step += 1
 
 
-def heldout_batches(split: datasets.Dataset, collator: MLMCollator, micro_batch: int, rank: int, world: int,
-                    max_batches: int) -> list[dict]:
+def heldout_batches(
+    split: datasets.Dataset, collator: MLMCollator, micro_batch: int, rank: int, world: int, max_batches: int
+) -> list[dict]:
     """The same fixed held-out batches at every evaluation; every rank gets the same number of them
     (ZeRO-3 forwards are collectives, so an uneven count would hang)."""
     if len(split) < world:
-        raise ConfigError("data", "data.heldout_fraction",
-                          f"the held-out split has {len(split)} sequences, fewer than the {world} ranks; raise it")
+        raise ConfigError(
+            "data",
+            "data.heldout_fraction",
+            f"the held-out split has {len(split)} sequences, fewer than the {world} ranks; raise it",
+        )
     micro_batch = min(micro_batch, len(split) // world)
     n = min(max_batches, len(split) // (micro_batch * world))
     sampler = ShardedBatchSampler(len(split), micro_batch, rank, world, seed=0, shuffle=False)

@@ -38,9 +38,14 @@ def init_distributed() -> Dist:
     plain ``python`` run, which becomes a world of one."""
     launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
     if not launched:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )
     accelerator = get_accelerator()
     # NCCL on GPUs; on CPU DeepSpeed's accelerator names ccl when oneCCL is installed, gloo otherwise.
     backend = accelerator.communication_backend_name()
@@ -69,20 +74,23 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
     With ``deepspeed.config`` set, the user's JSON is used as DeepSpeed would use it; only the values
     written ``"auto"`` (as in Hugging Face-style configs) are filled from the recipe.
     """
-    t, ds = recipe.train, recipe.deepspeed
+    t, ds, o = recipe.train, recipe.deepspeed, recipe.optim
     auto = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * world,
         "gradient_clipping": t.grad_clip,
+        "optimizer.params.lr": o.lr,
+        "optimizer.params.betas": list(o.betas),
+        "optimizer.params.eps": o.eps,
+        "optimizer.params.weight_decay": o.weight_decay,
+        "scheduler.params.warmup_max_lr": o.lr,
+        "scheduler.params.warmup_num_steps": o.warmup_steps,
+        "scheduler.params.total_num_steps": t.max_steps,
     }
     if ds.config:
         cfg = load_deepspeed_json(ds.config)
-        for key, value in list(cfg.items()):
-            if value == "auto":
-                if key not in auto:
-                    raise ConfigError(ds.config, key, f"'auto' is only understood for {', '.join(auto)}")
-                cfg[key] = auto[key]
+        _fill_auto(cfg, auto, ds.config, "")
         return cfg
     monitor_dir = os.path.join(t.output_dir, "monitor")
     cfg = {
@@ -97,3 +105,14 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
         "csv_monitor": {"enabled": ds.csv, "output_path": monitor_dir, "job_name": "csv"},
     }
     return cfg
+
+
+def _fill_auto(node: dict, auto: dict, path: str, prefix: str) -> None:
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _fill_auto(value, auto, path, dotted + ".")
+        elif value == "auto":
+            if dotted not in auto:
+                raise ConfigError(path, dotted, f"'auto' is only understood for {', '.join(auto)}")
+            node[key] = auto[dotted]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biodistill.engine.config import ConfigError, LossesConfig, LossTermConfig
-from biodistill.engine.models import Needs, Outputs, encode, hidden_size, num_heads, num_layers
+from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size, num_heads, num_layers
 from biodistill.kernels import temperature_kl
 
 _ATTN_EPS = 1e-12  # floor inside the logs of the attention KL, as the published scripts used
@@ -28,7 +28,9 @@ _ATTN_EPS = 1e-12  # floor inside the logs of the attention KL, as the published
 class TermContext:
     """What a term needs to know to build itself: both model configs and where its recipe entry is."""
 
-    def __init__(self, cfg: LossTermConfig, losses: LossesConfig, student_config, teacher_config, key: str, source: str):
+    def __init__(
+        self, cfg: LossTermConfig, losses: LossesConfig, student_config, teacher_config, key: str, source: str
+    ):
         self.cfg, self.losses, self.key, self.source = cfg, losses, key, source
         self.student_config, self.teacher_config = student_config, teacher_config
 
@@ -42,14 +44,20 @@ class TermContext:
             return [(ns, nt)]
         if spec == "uniform":
             if nt % ns:
-                raise self.error("layer_map", f"'uniform' needs teacher layers ({nt}) to be a multiple of student layers ({ns})")
+                raise self.error(
+                    "layer_map", f"'uniform' needs teacher layers ({nt}) to be a multiple of student layers ({ns})"
+                )
             return [(i, i * nt // ns) for i in range(1, ns + 1)]
         low = 1 if attention else 0
         pairs = [(int(s), int(t)) for s, t in spec]
         for s, t in pairs:
             if not (low <= s <= ns and low <= t <= nt):
-                what = "attention maps are numbered 1..L" if attention else "hidden states are numbered 0 (embeddings)..L"
-                raise self.error("layer_map", f"pair [{s}, {t}] is out of range: student has {ns} layers, teacher {nt}; {what}")
+                what = (
+                    "attention maps are numbered 1..L" if attention else "hidden states are numbered 0 (embeddings)..L"
+                )
+                raise self.error(
+                    "layer_map", f"pair [{s}, {t}] is out of range: student has {ns} layers, teacher {nt}; {what}"
+                )
         return pairs
 
 
@@ -91,8 +99,11 @@ class LogitKL(LossTerm):
         super().__init__(ctx)
         self.temperature = ctx.cfg.temperature or ctx.losses.temperature
         if ctx.student_config.vocab_size != ctx.teacher_config.vocab_size:
-            raise ctx.error("kind", f"logit_kl needs one vocabulary: student {ctx.student_config.vocab_size}, "
-                                    f"teacher {ctx.teacher_config.vocab_size}")
+            raise ctx.error(
+                "kind",
+                f"logit_kl needs one vocabulary: student {ctx.student_config.vocab_size}, "
+                f"teacher {ctx.teacher_config.vocab_size}",
+            )
 
     def forward(self, student, teacher, batch):
         return temperature_kl(student.logits, teacher.logits, self.temperature, reduction="batchmean")
@@ -130,7 +141,9 @@ class HiddenCosine(_HiddenTerm):
         super().__init__(ctx, allow_projection=False)
 
     def forward(self, student, teacher, batch):
-        return sum((1 - F.cosine_similarity(s, t, dim=-1)).mean() for s, t in self.pairs_at_tokens(student, teacher, batch))
+        return sum(
+            (1 - F.cosine_similarity(s, t, dim=-1)).mean() for s, t in self.pairs_at_tokens(student, teacher, batch)
+        )
 
 
 class HiddenMSE(_HiddenTerm):
@@ -223,8 +236,10 @@ class DistillationModel(nn.Module):
     def term_names(self) -> list[str]:
         return [t.name for t in self.terms]
 
-    def forward(self, batch: dict, teacher: Outputs, extra: Needs = Needs()):
-        student = encode(self.student, batch["input_ids"], batch["attention_mask"], self.student_needs | extra, batch["rows"])
+    def forward(self, batch: dict, teacher: Outputs, extra: Needs = NOTHING):
+        student = encode(
+            self.student, batch["input_ids"], batch["attention_mask"], self.student_needs | extra, batch["rows"]
+        )
         values = [term(student, teacher, batch) for term in self.terms]
         loss = sum(w * v for w, v in zip(self.weights, values))
         return loss, torch.stack([v.detach().float() for v in values]), student

@@ -8,8 +8,9 @@ So we run the model's body, gather the rows, and apply the head to those rows al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,11 +24,14 @@ class Needs:
     hidden_states: bool = False
     attentions: bool = False
 
-    def __or__(self, other: "Needs") -> "Needs":
+    def __or__(self, other: Needs) -> Needs:
         return Needs(*(a or b for a, b in zip(self.astuple(), other.astuple())))
 
     def astuple(self) -> tuple[bool, bool, bool]:
         return (self.logits, self.hidden_states, self.attentions)
+
+
+NOTHING = Needs()
 
 
 @dataclass

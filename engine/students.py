@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
@@ -42,8 +43,11 @@ def student_config(recipe: Recipe, teacher_config: Optional[PretrainedConfig]) -
         depth = num_layers(base)
         bad = [i for i in s.teacher_layers if i >= depth]
         if bad:
-            raise ConfigError(recipe.source, "student.teacher_layers",
-                              f"teacher {recipe.teacher.path!r} has {depth} layers (0..{depth - 1}); cannot copy {bad}")
+            raise ConfigError(
+                recipe.source,
+                "student.teacher_layers",
+                f"teacher {recipe.teacher.path!r} has {depth} layers (0..{depth - 1}); cannot copy {bad}",
+            )
         base.num_hidden_layers = len(s.teacher_layers)
     for key, value in s.overrides.items():
         if not hasattr(base, key):
@@ -76,23 +80,32 @@ def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn
     target = student.base_model.state_dict()
     missing = [k for k in target if k not in source and not k.endswith("position_ids")]
     if missing:
-        raise ConfigError(recipe.source, "student.init",
-                          f"the teacher has no weights for student parameters {missing[:3]}: "
-                          "'teacher_layers' needs a student of the teacher's architecture")
+        raise ConfigError(
+            recipe.source,
+            "student.init",
+            f"the teacher has no weights for student parameters {missing[:3]}: "
+            "'teacher_layers' needs a student of the teacher's architecture",
+        )
     if recipe.student.mlm_head and has_mlm_head(teacher):
         # A trained head is a far better start than a random one.
         prefix = student.base_model_prefix + "."
         teacher_sd = teacher.state_dict()
-        target = {**{prefix + k: v for k, v in target.items()},
-                  **{k: v for k, v in student.state_dict().items() if not k.startswith(prefix) and k in teacher_sd}}
-        source = {**{prefix + k: v for k, v in source.items()}, **teacher_sd}
+        target = {
+            **{prefix + k: v for k, v in target.items()},
+            **{k: v for k, v in student.state_dict().items() if not k.startswith(prefix) and k in teacher_sd},
+        }
+        head = {k: v for k, v in teacher_sd.items() if not k.startswith(teacher.base_model_prefix + ".")}
+        source = {**{prefix + k: v for k, v in source.items()}, **head}
     with torch.no_grad():
         for key, tensor in target.items():
             if key not in source:
                 continue
             if source[key].shape != tensor.shape:
-                raise ConfigError(recipe.source, "student.overrides",
-                                  f"{key}: student shape {tuple(tensor.shape)} != teacher {tuple(source[key].shape)}")
+                raise ConfigError(
+                    recipe.source,
+                    "student.overrides",
+                    f"{key}: student shape {tuple(tensor.shape)} != teacher {tuple(source[key].shape)}",
+                )
             tensor.copy_(source[key].float())
     return student
 
@@ -106,7 +119,9 @@ def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Mod
     try:
         model = cls.from_pretrained(model_location(recipe.student.path), **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(recipe.source, "student.path", f"cannot load a model from {recipe.student.path!r}: {e}") from None
+        raise ConfigError(
+            recipe.source, "student.path", f"cannot load a model from {recipe.student.path!r}: {e}"
+        ) from None
     for key, value in recipe.student.overrides.items():
         setattr(model.config, key, value)
     return model

