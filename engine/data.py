@@ -342,4 +342,12 @@ def heldout_batches(
 
 
 def train_loader(split: datasets.Dataset, collator: MLMCollator, sampler: ShardedBatchSampler) -> DataLoader:
-    return DataLoader(MaskedBatches(split), batch_sampler=sampler, collate_fn=collator, num_workers=0)
+    # Its own generator: a DataLoader iterator otherwise draws a seed from the global torch RNG, which
+    # would shift the dropout stream of a resumed run by one draw against the uninterrupted one.
+    return DataLoader(
+        MaskedBatches(split),
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(0),
+    )
