@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -60,12 +61,12 @@ def load(engine, directory: str, tag: Optional[str] = None) -> Optional[dict]:
 def gathered_state_dict(engine, module: torch.nn.Module) -> dict:
     """The module's full state dict on rank 0 (CPU tensors), gathered from ZeRO-3 partitions when needed;
     an empty dict elsewhere. Every rank must call it."""
+    gather = contextlib.nullcontext()
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            sd = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else {}
-    else:
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with gather:
         sd = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else {}
     return sd
 
