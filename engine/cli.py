@@ -1,4 +1,4 @@
-"""``deepspeed launch/train.py --config configs/<recipe>.yaml [--section.key value ...] [--resume [TAG]]``
+"""``deepspeed launch/train.py --config configs/<recipe>.yaml [--smoke] [--section.key value ...] [--resume [TAG]]``
 
 Parse, build, train, close. Anything after the known flags is a dotted override of the recipe.
 """
@@ -28,6 +28,12 @@ def parse_args(argv: list[str] | None = None):
         metavar="TAG",
         help="continue from the latest checkpoint in train.output_dir (or from TAG, e.g. step400)",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink models, data and steps, keeping the recipe's losses, layer maps and init rule "
+        "(runs anywhere in about a minute, offline)",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     import deepspeed  # its standard flags: --deepspeed, --deepspeed_config ds.json
 
@@ -48,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RANK", "0") != "0":
         datasets.disable_progress_bars()
     try:
-        recipe = load_recipe(args.config, overrides, deepspeed_config=args.deepspeed_config or "")
+        transform = None
+        if args.smoke:
+            from biodistill.engine.smoke import smoke as transform
+        recipe = load_recipe(args.config, overrides, deepspeed_config=args.deepspeed_config or "", transform=transform)
         from biodistill.engine.trainer import Trainer
 
         trainer = Trainer(recipe, resume=args.resume)

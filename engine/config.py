@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import json
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -57,7 +59,7 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # .txt (a document a line), .jsonl/.json, .parquet
+    train_files: list[str] = field(default_factory=list)  # .txt (a document a line), .jsonl/.json, .parquet; globs ok
     dataset: str = ""  # a `datasets` name instead of files (needs a reachable hub or local cache)
     dataset_config: str = ""
     dataset_split: str = "train"
@@ -76,7 +78,7 @@ class LossTermConfig:
     kind: str = ""  # one of engine.losses.LOSSES
     weight: float = 1.0
     layer_map: LayerMap = "last"  # hidden/attention terms: "last", "uniform" or [[student, teacher], ...]
-    temperature: Optional[float] = None  # logit_kl: overrides losses.temperature
+    temperature: Optional[float] = None  # logit_kl / soft_ce: overrides losses.temperature
     projection: bool = False  # hidden_mse: learn a student->teacher width projection (dropped at export)
 
 
@@ -101,6 +103,7 @@ class TrainConfig:
     max_steps: int = 100  # optimiser steps
     micro_batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1
+    global_batch_size: int = 0  # set: grad_accum = global / (micro_batch_size x world), whatever the world size
     grad_clip: float = 1.0  # 0 disables clipping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 42
@@ -144,8 +147,15 @@ class Recipe:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, deepspeed_config: str = "") -> Recipe:
-    """Load ``path``, apply ``--a.b value`` overrides, convert to a :class:`Recipe` and validate it."""
+def load_recipe(
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    deepspeed_config: str = "",
+    transform: Callable[[Recipe], Recipe] | None = None,
+    check_paths: bool = True,
+) -> Recipe:
+    """Load ``path``, apply ``transform`` (e.g. ``--smoke``), then the ``--a.b value`` overrides, and
+    validate. ``check_paths=False`` checks everything but the existence of the data files."""
     source = str(path)
     if not Path(path).is_file():
         raise ConfigError(source, "", "recipe file not found")
@@ -157,6 +167,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, dee
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, "", f"the top level must be a mapping of sections, got {type(raw).__name__}")
+    if transform is not None:
+        base = _convert(Recipe, raw, "", source, {})
+        base.source = source
+        raw = transform(base).to_dict()
     sources = {}  # dotted key -> where its value came from, so an override's error names the flag
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value, source)
@@ -166,7 +180,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, dee
         sources["deepspeed.config"] = "command line --deepspeed_config"
     recipe = _convert(Recipe, raw, "", source, sources)
     recipe.source = source
-    validate(recipe, sources)
+    validate(recipe, sources, check_paths)
     return recipe
 
 
@@ -288,7 +302,7 @@ def _convert(tp: Any, value: Any, key: str, source: str, sources: dict[str, str]
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a schema bug, not a user error
 
 
-def validate(r: Recipe, sources: dict[str, str] | None = None) -> None:
+def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool = True) -> None:
     """Value checks that types cannot express. Raises the first :class:`ConfigError` found."""
     sources = sources or {}
 
@@ -331,13 +345,13 @@ def validate(r: Recipe, sources: dict[str, str] | None = None) -> None:
         )
     if s.init == "checkpoint":
         check(bool(s.path), "student.path", "student.init 'checkpoint' needs the checkpoint to continue from")
-    needs_head = any(t.kind in ("mlm", "logit_kl") for t in r.losses.terms)
-    check(s.mlm_head or not needs_head, "student.mlm_head", "the 'mlm' and 'logit_kl' terms need the MLM head")
+    head_terms = sorted({t.kind for t in r.losses.terms if t.kind in ("mlm", "logit_kl", "soft_ce")})
+    check(s.mlm_head or not head_terms, "student.mlm_head", f"the {', '.join(head_terms)} term(s) need the MLM head")
 
     d = r.data
     check(bool(d.train_files) != bool(d.dataset), "data.train_files", "give either data.train_files or data.dataset")
-    for i, f in enumerate(d.train_files):
-        check(resolve_path(f).is_file(), f"data.train_files[{i}]", f"file not found: {f}")
+    if check_paths:
+        data_files(d, _where("data.train_files", r.source, sources))
     check(8 <= d.max_length <= 8192, "data.max_length", f"must be between 8 and 8192, got {d.max_length}")
     check(0 < d.mlm_probability < 1, "data.mlm_probability", f"must be in (0, 1), got {d.mlm_probability}")
     check(0 < d.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {d.heldout_fraction}")
@@ -347,6 +361,12 @@ def validate(r: Recipe, sources: dict[str, str] | None = None) -> None:
     check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    check(t.global_batch_size >= 0, "train.global_batch_size", f"must be >= 0, got {t.global_batch_size}")
+    check(
+        not (t.global_batch_size and t.grad_accum != 1),
+        "train.global_batch_size",
+        "set either train.global_batch_size or train.grad_accum, not both (accumulation follows from the global batch)",
+    )
     check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     for name in ("log_every", "eval_every", "save_every"):
         check(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
@@ -389,6 +409,25 @@ def load_deepspeed_json(path: str, where: str = "deepspeed.config") -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(str(p), "", "a DeepSpeed config must be a JSON object")
     return cfg
+
+
+def data_files(data: DataConfig, source: str) -> list[tuple[str, Path]]:
+    """``(key, path)`` for every file of ``data.train_files``, glob patterns expanded in sorted order."""
+    out = []
+    for i, name in enumerate(data.train_files):
+        key = f"data.train_files[{i}]"
+        if glob.has_magic(name):
+            matches = sorted(Path(p) for p in glob.glob(str(resolve_path(name)), recursive=True))
+            matches = [p for p in matches if p.is_file()]
+            if not matches:
+                raise ConfigError(source, key, f"no file matches {name!r} (from {os.getcwd()})")
+            out += [(f"{key} ({p.name})", p) for p in matches]
+        else:
+            path = resolve_path(name)
+            if not path.is_file():
+                raise ConfigError(source, key, f"file not found: {name} (from {os.getcwd()})")
+            out.append((key, path))
+    return out
 
 
 def resolve_path(path: str) -> Path:

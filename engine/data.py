@@ -23,7 +23,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from biodistill.engine.config import ConfigError, DataConfig, resolve_path
+from biodistill.engine.config import ConfigError, DataConfig, data_files
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,11 @@ def load_documents(data: DataConfig, source: str) -> datasets.Dataset:
         names = [f"data.dataset ({data.dataset})"]
     else:
         parts, names = [], []
-        for i, name in enumerate(data.train_files):
-            path = resolve_path(name)
+        for key, path in data_files(data, source):
             reader = _READERS.get(path.suffix.lower())
             if reader is None:
                 raise ConfigError(
-                    source,
-                    f"data.train_files[{i}]",
-                    f"{name}: unknown format '{path.suffix}'; expected one of {', '.join(_READERS)}",
+                    source, key, f"{path}: unknown format '{path.suffix}'; expected one of {', '.join(_READERS)}"
                 )
             try:
                 part = datasets.load_dataset(
@@ -61,9 +58,9 @@ def load_documents(data: DataConfig, source: str) -> datasets.Dataset:
                     cache_dir=str(Path(data.cache_dir).expanduser() / "raw"),
                 )
             except Exception as e:
-                raise ConfigError(source, f"data.train_files[{i}]", f"cannot read {name} as {reader}: {e}") from None
+                raise ConfigError(source, key, f"cannot read {path} as {reader}: {e}") from None
             parts.append(part)
-            names.append(f"data.train_files[{i}] ({name})")
+            names.append(f"{key} ({path})")
     docs = []
     for part, name in zip(parts, names):
         field = "text" if part.column_names == ["text"] else data.text_field
@@ -86,13 +83,13 @@ def load_documents(data: DataConfig, source: str) -> datasets.Dataset:
 # ------------------------------------------------------------------------------ tokenising + cache
 
 
-def _source_fingerprint(data: DataConfig) -> list:
+def _source_fingerprint(data: DataConfig, source: str) -> list:
     if data.dataset:
         return [data.dataset, data.dataset_config, data.dataset_split]
     out = []
-    for name in data.train_files:
-        st = resolve_path(name).stat()
-        out.append([str(resolve_path(name).resolve()), st.st_size, st.st_mtime_ns])
+    for _, path in data_files(data, source):
+        st = path.stat()
+        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     return out
 
 
@@ -112,7 +109,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(data: DataConfig, tokenizer) -> str:
     key = {
         "format": CACHE_FORMAT,
-        "sources": _source_fingerprint(data),
+        "sources": _source_fingerprint(data, "data.train_files"),
         "text_field": data.text_field,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": data.max_length,

@@ -75,10 +75,11 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
     written ``"auto"`` (as in Hugging Face-style configs) are filled from the recipe.
     """
     t, ds, o = recipe.train, recipe.deepspeed, recipe.optim
+    accum = grad_accum(recipe, world)
     auto = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world,
         "gradient_clipping": t.grad_clip,
         "optimizer.params.lr": o.lr,
         "optimizer.params.betas": list(o.betas),
@@ -95,7 +96,7 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
     monitor_dir = os.path.join(t.output_dir, "monitor")
     cfg = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -105,6 +106,23 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
         "csv_monitor": {"enabled": ds.csv, "output_path": monitor_dir, "job_name": "csv"},
     }
     return cfg
+
+
+def grad_accum(recipe: Recipe, world: int) -> int:
+    """Micro-steps per optimiser step: ``train.grad_accum``, or what ``train.global_batch_size`` implies for
+    this world size (the published recipes fix the global batch, 192, not the per-GPU one)."""
+    t = recipe.train
+    if not t.global_batch_size:
+        return t.grad_accum
+    per_micro_step = t.micro_batch_size * world
+    if t.global_batch_size % per_micro_step:
+        raise ConfigError(
+            recipe.source,
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not a multiple of train.micro_batch_size x world size "
+            f"= {t.micro_batch_size} x {world}; change one of them",
+        )
+    return t.global_batch_size // per_micro_step
 
 
 def _fill_auto(node: dict, auto: dict, path: str, prefix: str) -> None:

@@ -101,12 +101,24 @@ class LogitKL(LossTerm):
         if ctx.student_config.vocab_size != ctx.teacher_config.vocab_size:
             raise ctx.error(
                 "kind",
-                f"logit_kl needs one vocabulary: student {ctx.student_config.vocab_size}, "
+                f"{ctx.cfg.kind} needs one vocabulary: student {ctx.student_config.vocab_size}, "
                 f"teacher {ctx.teacher_config.vocab_size}",
             )
 
     def forward(self, student, teacher, batch):
         return temperature_kl(student.logits, teacher.logits, self.temperature, reduction="batchmean")
+
+
+class SoftCE(LogitKL):
+    """Soft-target cross-entropy, T^2 * -sum softmax(t/T) log softmax(s/T), batchmean over the logit rows
+    (TinyBERT's prediction loss). It differs from logit_kl by the teacher's entropy, a constant: same
+    gradient, different value."""
+
+    def forward(self, student, teacher, batch):
+        t = self.temperature
+        target = F.softmax(teacher.logits.float() / t, dim=-1)
+        per_row = -(target * F.log_softmax(student.logits.float() / t, dim=-1)).sum(-1)
+        return t * t * per_row.sum() / max(per_row.shape[0], 1)
 
 
 class _HiddenTerm(LossTerm):
@@ -159,6 +171,7 @@ class HiddenMSE(_HiddenTerm):
 class _AttentionTerm(LossTerm):
     student_needs = Needs(attentions=True)
     teacher_needs = Needs(attentions=True)
+    source = "attentions"  # or "scores": the pre-softmax maps
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -172,7 +185,8 @@ class _AttentionTerm(LossTerm):
         valid = _token_mask(batch)[:, None, :, None].float()
         total = 0
         for s, t in self.pairs:
-            elem = self.elementwise(student.attentions[s - 1].float(), teacher.attentions[t - 1].float())
+            student_map = getattr(student, self.source)[s - 1].float()
+            elem = self.elementwise(student_map, getattr(teacher, self.source)[t - 1].float())
             count = valid.sum() * elem.shape[1] * elem.shape[-1]
             total = total + (elem * valid).sum() / count.clamp(min=1)
         return total
@@ -194,13 +208,23 @@ class AttentionMSE(_AttentionTerm):
         return (s - t).pow(2)
 
 
+class AttentionScoreMSE(AttentionMSE):
+    """MSE of pre-softmax attention scores with padded keys zeroed, as TinyBERT's general distillation."""
+
+    student_needs = Needs(scores=True)
+    teacher_needs = Needs(scores=True)
+    source = "scores"
+
+
 LOSSES: dict[str, type[LossTerm]] = {
     "mlm": MLMLoss,
     "logit_kl": LogitKL,
+    "soft_ce": SoftCE,
     "hidden_cosine": HiddenCosine,
     "hidden_mse": HiddenMSE,
     "attention_kl": AttentionKL,
     "attention_mse": AttentionMSE,
+    "attention_score_mse": AttentionScoreMSE,
 }
 
 
@@ -240,6 +264,11 @@ class DistillationModel(nn.Module):
         student = encode(
             self.student, batch["input_ids"], batch["attention_mask"], self.student_needs | extra, batch["rows"]
         )
+        loss, values = self.combine(student, teacher, batch)
+        return loss, values, student
+
+    def combine(self, student: Outputs, teacher: Outputs, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted total of the terms on both models' outputs, and the detached per-term values."""
         values = [term(student, teacher, batch) for term in self.terms]
         loss = sum(w * v for w, v in zip(self.weights, values))
-        return loss, torch.stack([v.detach().float() for v in values]), student
+        return loss, torch.stack([v.detach().float() for v in values])

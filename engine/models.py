@@ -1,5 +1,5 @@
-"""What the engine asks of a Hugging Face encoder: hidden states, attention maps, and LM-head logits at
-selected rows only.
+"""What the engine asks of a Hugging Face encoder: hidden states, attention maps (post-softmax, or the
+pre-softmax scores TinyBERT matches), and LM-head logits at selected rows only.
 
 Running the LM head over every token builds an N x V logit tensor (8 x 256 tokens x 29k vocab is 240 MB
 in fp32 per model); the published recipes only use logits at the MLM-masked rows, about 15% of them.
@@ -23,12 +23,13 @@ class Needs:
     logits: bool = False
     hidden_states: bool = False
     attentions: bool = False
+    scores: bool = False  # pre-softmax attention scores
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(*(a or b for a, b in zip(self.astuple(), other.astuple())))
 
-    def astuple(self) -> tuple[bool, bool, bool]:
-        return (self.logits, self.hidden_states, self.attentions)
+    def astuple(self) -> tuple[bool, ...]:
+        return (self.logits, self.hidden_states, self.attentions, self.scores)
 
 
 NOTHING = Needs()
@@ -39,6 +40,7 @@ class Outputs:
     hidden_states: Optional[tuple[torch.Tensor, ...]] = None  # L+1 x [B, T, H]; 0 is the embedding output
     attentions: Optional[tuple[torch.Tensor, ...]] = None  # L x [B, heads, T, T], post-softmax
     logits: Optional[torch.Tensor] = None  # [rows, V] at the selected rows only
+    scores: Optional[tuple[torch.Tensor, ...]] = None  # L x [B, heads, T, T], QK^T/sqrt(d), padded keys 0
 
 
 # model_type -> the MLM head as a callable on [rows, H] hidden states. An explicit table: a model type
@@ -52,6 +54,15 @@ _MLM_HEADS: dict[str, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tenso
     "albert": lambda m: m.predictions,
     "distilbert": lambda m: nn.Sequential(m.vocab_transform, m.activation, m.vocab_layer_norm, m.vocab_projector),
     "electra": lambda m: nn.Sequential(m.generator_predictions, m.generator_lm_head),
+}
+
+
+# model_type -> the (query, key) projections of every layer, in order, for the pre-softmax scores.
+_QUERY_KEY: dict[str, Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]] = {
+    "bert": lambda base: [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer],
+    "mobilebert": lambda base: [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer],
+    "roberta": lambda base: [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer],
+    "distilbert": lambda base: [(m.attention.q_lin, m.attention.k_lin) for m in base.transformer.layer],
 }
 
 
@@ -77,13 +88,27 @@ def encode(
 
     ``rows`` indexes ``[B*T]`` (flattened batch and time); the logits come back as ``[len(rows), V]``.
     """
-    out = model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=needs.hidden_states,
-        output_attentions=needs.attentions,
-        return_dict=True,
-    )
+    pairs = query_key_modules(model) if needs.scores else []
+    captured: dict[nn.Module, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, _i, out: captured.__setitem__(m, out))
+        for pair in pairs
+        for module in pair
+    ]
+    try:
+        out = model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=needs.hidden_states,
+            output_attentions=needs.attentions,
+            return_dict=True,
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scores = None
+    if needs.scores:
+        scores = _scores([(captured[q], captured[k]) for q, k in pairs], attention_mask, num_heads(model.config))
     logits = None
     if needs.logits:
         if rows is None:
@@ -94,7 +119,33 @@ def encode(
         hidden_states=out.hidden_states if needs.hidden_states else None,
         attentions=out.attentions if needs.attentions else None,
         logits=logits,
+        scores=scores,
     )
+
+
+def query_key_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    model_type = model.config.model_type
+    if model_type not in _QUERY_KEY:
+        raise ValueError(f"no attention-score adapter for model_type '{model_type}'; known: {', '.join(_QUERY_KEY)}")
+    return _QUERY_KEY[model_type](model.base_model)
+
+
+def _scores(
+    projections: list[tuple[torch.Tensor, torch.Tensor]], attention_mask, heads: int
+) -> tuple[torch.Tensor, ...]:
+    """Pre-softmax scores QK^T/sqrt(d) per layer from each layer's (query, key) projection outputs.
+
+    TinyBERT adds the -10000 mask and then zeroes every entry <= -100; zeroing the padded keys of the
+    unmasked scores is the same thing without the accident of zeroing a genuinely low score.
+    """
+    out = []
+    for q, k in projections:
+        keep = attention_mask[:, None, None, :].to(q.dtype)
+        b, t, width = q.shape
+        q = q.view(b, t, heads, width // heads).transpose(1, 2)
+        k = k.view(b, t, heads, width // heads).transpose(1, 2)
+        out.append(torch.matmul(q, k.transpose(-1, -2)) * (width // heads) ** -0.5 * keep)
+    return tuple(out)
 
 
 def attn_implementation(needs: Needs) -> Optional[str]:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
 
+from biodistill.engine.architectures import published_config
 from biodistill.engine.config import ConfigError, Recipe
 from biodistill.engine.models import Needs, attn_implementation, has_mlm_head, num_layers
 from biodistill.engine.teacher import model_location
@@ -25,16 +26,24 @@ _LAYER_KEY = re.compile(r"^(.*?\blayers?)\.(\d+)\.(.*)$")
 
 
 def load_config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
+    """The config of ``path``: the checkpoint's own, or, when it cannot be fetched (offline), the
+    published shape from :mod:`~biodistill.engine.architectures`. Planning needs no weights."""
     try:
         return AutoConfig.from_pretrained(model_location(path))
     except (OSError, ValueError) as e:
-        raise ConfigError(recipe.source, key, f"cannot load a model config from {path!r}: {e}") from None
+        published = published_config(path)
+        if published is None:
+            raise ConfigError(recipe.source, key, f"cannot load a model config from {path!r}: {e}") from None
+        return published
 
 
-def student_config(recipe: Recipe, teacher_config: Optional[PretrainedConfig]) -> PretrainedConfig:
+def student_config(
+    recipe: Recipe, teacher_config: Optional[PretrainedConfig], load: Callable[..., PretrainedConfig] = load_config
+) -> PretrainedConfig:
+    """The student's config from the recipe and the teacher's config, without building the student."""
     s = recipe.student
     if s.init == "checkpoint" or (s.init == "config" and s.path):
-        base = load_config(s.path, recipe, "student.path")
+        base = load(s.path, recipe, "student.path")
     elif teacher_config is not None:
         base = copy.deepcopy(teacher_config)
     else:
@@ -58,7 +67,8 @@ def student_config(recipe: Recipe, teacher_config: Optional[PretrainedConfig]) -
 
 def _new(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch.nn.Module:
     cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
-    return cls.from_config(config, attn_implementation=attn_implementation(needs) or "sdpa", dtype=torch.float32)
+    kwargs = {"attn_implementation": attn_implementation(needs)} if attn_implementation(needs) else {}
+    return cls.from_config(config, dtype=torch.float32, **kwargs)
 
 
 def from_config(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:

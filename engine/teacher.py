@@ -51,7 +51,7 @@ def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn
                 recipe.source,
                 "teacher.path",
                 f"{recipe.teacher.path!r} has no trained masked-LM head (missing {', '.join(sorted(missing)[:3])}...), "
-                "but a logit term (logit_kl) needs teacher logits; drop the term or use a teacher with an MLM head",
+                "but a logit term (logit_kl, soft_ce) needs teacher logits; drop the term or use a teacher with an MLM head",
             )
         mlm_head(model)  # fails now, not mid-step, for a model type without a head adapter
     model.eval()

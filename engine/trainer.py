@@ -219,18 +219,22 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out loss terms and teacher-student agreement, averaged over every rank's batches."""
         self.engine.eval()
-        names = [f"loss/{n}" for n in self.model.term_names] + [
-            "agreement/hidden_cosine",
-            "agreement/top1",
-            "student/mlm_loss",
-        ]
+        names = (
+            ["loss/total"]
+            + [f"loss/{n}" for n in self.model.term_names]
+            + [
+                "agreement/hidden_cosine",
+                "agreement/top1",
+                "student/mlm_loss",
+            ]
+        )
         sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
         for batch in self.heldout:
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}
             teacher = self.teacher_outputs(batch, Needs(hidden_states=True))
-            _, values, student = self.engine(batch, teacher, Needs(hidden_states=True))
+            loss, values, student = self.engine(batch, teacher, Needs(hidden_states=True))
             extra = self._agreement(batch, student, teacher)
-            row = torch.cat([values.cpu(), extra])
+            row = torch.cat([loss.detach().float().reshape(1).cpu(), values.cpu(), extra])
             sums += torch.nan_to_num(row)
             counts += ~row.isnan()
         self.engine.train()

