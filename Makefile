@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test lint bench-overhead
+.PHONY: install demo test lint bench-overhead bench-kernels
 
 install:
 	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels onto a CPU machine.
@@ -23,3 +23,7 @@ lint:
 
 bench-overhead: install
 	$(PYTHON) -m biodistill.engine.bench --steps 20
+
+bench-kernels: install
+	$(PYTHON) -m biodistill.kernels.bench adapter
+	$(PYTHON) -m biodistill.kernels.bench step

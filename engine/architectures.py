@@ -39,6 +39,9 @@ PUBLISHED: dict[str, dict] = {
     "nlpie/distil-biobert": {**_BIOBERT, "num_hidden_layers": 6},
     "nlpie/compact-biobert": {**_BIOBERT, "num_hidden_layers": 6},
     "nlpie/tiny-biobert": {**_TINYBERT_4L, "vocab_size": 28996},
+    # MiniALBERT (engine/minialbert.py): the published config.json files say model_type "bert".
+    "nlpie/clinical-miniALBERT-312": {"model_type": "minialbert"},
+    "nlpie/clinical-miniALBERT-128": {"model_type": "minialbert", "embedding_size": 128, "vocab_size": 30522},
 }
 
 

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from biodistill.engine import minialbert  # noqa: F401  (registers MiniALBERT with the Auto classes)
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -53,6 +55,7 @@ _MLM_HEADS: dict[str, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tenso
     "camembert": lambda m: m.lm_head,
     "albert": lambda m: m.predictions,
     "distilbert": lambda m: nn.Sequential(m.vocab_transform, m.activation, m.vocab_layer_norm, m.vocab_projector),
+    "minialbert": lambda m: m.mlm_head,
     "electra": lambda m: nn.Sequential(m.generator_predictions, m.generator_lm_head),
 }
 
@@ -63,6 +66,10 @@ _QUERY_KEY: dict[str, Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]] 
     "mobilebert": lambda base: [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer],
     "roberta": lambda base: [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer],
     "distilbert": lambda base: [(m.attention.q_lin, m.attention.k_lin) for m in base.transformer.layer],
+    # One shared layer applied R times: the same modules fire once per recursion.
+    "minialbert": lambda base: (
+        [(base.albert.layer.attention.query, base.albert.layer.attention.key)] * base.config.num_hidden_layers
+    ),
 }
 
 
@@ -89,12 +96,8 @@ def encode(
     ``rows`` indexes ``[B*T]`` (flattened batch and time); the logits come back as ``[len(rows), V]``.
     """
     pairs = query_key_modules(model) if needs.scores else []
-    captured: dict[nn.Module, torch.Tensor] = {}
-    hooks = [
-        module.register_forward_hook(lambda m, _i, out: captured.__setitem__(m, out))
-        for pair in pairs
-        for module in pair
-    ]
+    captured: dict[nn.Module, list[torch.Tensor]] = {m: [] for pair in pairs for m in pair}
+    hooks = [module.register_forward_hook(lambda m, _i, out: captured[m].append(out)) for module in captured]
     try:
         out = model.base_model(
             input_ids=input_ids,
@@ -108,7 +111,9 @@ def encode(
             hook.remove()
     scores = None
     if needs.scores:
-        scores = _scores([(captured[q], captured[k]) for q, k in pairs], attention_mask, num_heads(model.config))
+        calls = {m: iter(outs) for m, outs in captured.items()}  # the i-th pair reads each module's i-th call
+        projections = [(next(calls[q]), next(calls[k])) for q, k in pairs]
+        scores = _scores(projections, attention_mask, num_heads(model.config))
     logits = None
     if needs.logits:
         if rows is None:

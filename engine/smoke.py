@@ -42,6 +42,7 @@ _WIDTHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "bert": (("hidden_size",), ("intermediate_size",)),
     "roberta": (("hidden_size",), ("intermediate_size",)),
     "distilbert": (("dim",), ("hidden_dim",)),
+    "minialbert": (("hidden_size",), ("embedding_size", "intermediate_size")),  # hidden stays a multiple of 16
     # MobileBERT attends in its bottleneck width (true_hidden_size); hidden_size is its residual width.
     "mobilebert": (
         ("true_hidden_size", "intra_bottleneck_size"),

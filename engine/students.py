@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
 
+from biodistill.engine import minialbert
 from biodistill.engine.architectures import published_config
 from biodistill.engine.config import ConfigError, Recipe
 from biodistill.engine.models import Needs, attn_implementation, has_mlm_head, num_layers
@@ -29,7 +30,7 @@ def load_config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
     """The config of ``path``: the checkpoint's own, or, when it cannot be fetched (offline), the
     published shape from :mod:`~biodistill.engine.architectures`. Planning needs no weights."""
     try:
-        return AutoConfig.from_pretrained(model_location(path))
+        return minialbert.resolve_config(AutoConfig.from_pretrained(model_location(path)))
     except (OSError, ValueError) as e:
         published = published_config(path)
         if published is None:
@@ -122,7 +123,7 @@ def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn
 
 def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
     cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
-    kwargs = {"dtype": torch.float32}
+    kwargs = {"dtype": torch.float32, "config": load_config(recipe.student.path, recipe, "student.path")}
     if attn_implementation(needs):
         kwargs["attn_implementation"] = attn_implementation(needs)
     student_config(recipe, None)  # overrides checked with the key named

@@ -7,6 +7,10 @@ Softmax-temperature KL (see shared/reference/kernels.md):
     d loss_r / d s_v = T * (q_v - p_v)
 Computed in fp32 whatever the input dtypes, so a bf16 student and an fp16 teacher give the same
 answer as fp32 inputs up to the inputs' own rounding.
+
+Bottleneck adapter (miniALBERT's, post-LN):
+    y = LayerNorm(x + W_up GELU(W_down x + b_down) + b_up) * gamma + beta,   GELU the exact erf form
+with x of width H and the bottleneck r = H / reduction_factor.
 """
 
 from __future__ import annotations
@@ -54,3 +58,19 @@ def temperature_kl(
     if reduction == "mean":
         return per_row.sum() / max(per_elem.numel(), 1)
     raise ValueError(f"unknown reduction {reduction!r}; expected batchmean, sum, mean or none")
+
+
+def bottleneck_adapter(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """``[..., H] -> [..., H]``: ``LN(x + Up(GELU(Down(x))))``; ``down_weight`` is ``[r, H]``, ``up_weight``
+    ``[H, r]`` (``nn.Linear`` layout). Autograd gives every gradient."""
+    h = F.linear(F.gelu(F.linear(x, down_weight, down_bias)), up_weight, up_bias)
+    return F.layer_norm(x + h, (x.shape[-1],), norm_weight, norm_bias, eps)

@@ -1,0 +1,169 @@
+"""Kernel microbenchmarks: one harness, one subcommand per kernel; every row a ratio against named
+baselines measured in the same run.
+
+    python -m biodistill.kernels.bench adapter              # fused bottleneck adapter vs eager / torch.compile
+    python -m biodistill.kernels.bench step                 # a whole MiniALBERT training step, kernel on vs off
+    python -m biodistill.kernels.bench adapter --small      # CPU check of the harness (Triton interpreter)
+
+On CUDA, times are triton.testing.do_bench medians and memory is the peak allocated beyond the
+inputs; on CPU (harness verification only) times are wall-clock medians and memory is not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], device: str, reps: int) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 100), return_mode="median")
+    fn()  # warm-up (compilation, interpreter caches)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(fn: Callable[[], object], device: str) -> float:
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def table(title: str, rows: list[tuple[str, dict[str, float]]], baseline: str) -> str:
+    """Rows of {column: ms or MB}; each provider's fwd+bwd ratio against ``baseline``."""
+    cols = list(rows[0][1])
+    head = f"{'provider':<16}" + "".join(f"{c:>14}" for c in cols) + f"{'speedup':>10}"
+    out = [title, head, "-" * len(head)]
+    base = dict(rows)[baseline]["fwd+bwd ms"]
+    for name, vals in rows:
+        cells = "".join(f"{v:>14.3f}" for v in vals.values())
+        out.append(f"{name:<16}{cells}{base / vals['fwd+bwd ms']:>9.2f}x")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------- adapter
+
+
+def bench_adapter(args) -> str:
+    from biodistill.kernels.adapter import fused_bottleneck_adapter
+    from biodistill.kernels.reference import bottleneck_adapter
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    M, H, R = args.tokens, args.hidden, args.hidden // args.reduction
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+    x = make(M, H).requires_grad_()
+    params = [make(R, H, scale=H**-0.5), make(R), make(H, R, scale=R**-0.5), make(H), 1 + make(H, scale=0.1), make(H)]
+    params = [p.requires_grad_() for p in params]
+    dy = make(M, H)
+    providers = {"eager": bottleneck_adapter, "triton (ours)": fused_bottleneck_adapter}
+    if not args.no_compile:
+        providers["torch.compile"] = torch.compile(bottleneck_adapter, dynamic=False)
+    rows = []
+    for name, fn in providers.items():
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(x, *params, 1e-12)
+
+        def fwd_bwd(fn=fn):
+            y = fn(x, *params, 1e-12)
+            torch.autograd.backward(y, dy, inputs=[x, *params])
+
+        rows.append(
+            (
+                name,
+                {
+                    "fwd ms": median_ms(fwd, device, args.reps),
+                    "fwd+bwd ms": median_ms(fwd_bwd, device, args.reps),
+                    "peak MB": peak_mb(fwd_bwd, device),
+                },
+            )
+        )
+    title = f"bottleneck adapter: M={M} tokens, H={H}, r={R}, {args.dtype}, {_device_name(device)}"
+    return table(title, rows, baseline="eager")
+
+
+# ------------------------------------------------------------------------------------------ step
+
+
+def bench_step(args) -> str:
+    """A MiniALBERT-312 masked-LM training step (forward, backward, AdamW), adapters fused vs eager."""
+    from biodistill.engine.minialbert import MiniAlbertConfig, MiniAlbertForMaskedLM
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    config = (
+        MiniAlbertConfig()
+        if not args.small
+        else MiniAlbertConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, embedding_size=32)
+    )
+    torch.manual_seed(0)
+    model = MiniAlbertForMaskedLM(config).to(device, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch, length = args.batch, args.length
+    ids = torch.randint(5, config.vocab_size, (batch, length), device=device)
+    labels = torch.where(torch.rand(batch, length, device=device) < 0.15, ids, -100)
+
+    def step():
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows = []
+    for name, mode in (("eager adapters", "reference"), ("fused adapters", "triton")):
+        os.environ["BIODISTILL_KERNELS"] = mode
+        ms = median_ms(step, device, args.reps)
+        rows.append((name, {"fwd+bwd ms": ms, "tokens/s": batch * length / ms * 1e3}))
+    os.environ.pop("BIODISTILL_KERNELS")
+    title = f"MiniALBERT training step: {batch} x {length} tokens, {args.dtype}, {_device_name(device)}"
+    return table(title, rows, baseline="eager adapters")
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m biodistill.kernels.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("kernel", choices=["adapter", "step"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--tokens", type=int, default=192 * 256, help="adapter: rows M (batch x length)")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--reduction", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=48, help="step: sequences")
+    parser.add_argument("--length", type=int, default=256, help="step: tokens per sequence")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--small", action="store_true", help="CPU-sized shapes, to check the harness itself")
+    args = parser.parse_args(argv)
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+        if args.small:
+            args.tokens, args.hidden, args.batch, args.length, args.reps = 64, 96, 2, 16, 3
+            args.dtype = "float32"
+    print({"adapter": bench_adapter, "step": bench_step}[args.kernel](args))
+
+
+if __name__ == "__main__":
+    main()
