@@ -294,7 +294,7 @@ class MiniAlbertModel(MiniAlbertPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         h = self.projector(self.albert.embeddings(input_ids, token_type_ids))
         # Keys only: padded query rows are computed and returned as they are; losses mask them.
-        bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(torch.float32).min
+        bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         hidden, maps = [h], []
         layer = self.albert.layer
         for i in range(self.config.num_hidden_layers):

@@ -59,9 +59,10 @@ def smoke(recipe: Recipe) -> Recipe:
     models = out / "models"
 
     teacher_cfg = _config(r.teacher.path, r, "teacher.path") if r.teacher.path else None
-    student_cfg = student_config(r, teacher_cfg, load=_config)  # before any change: the full-size student
-    if teacher_cfg is not None:
-        small_teacher = shrink(teacher_cfg, tokenizer)
+    # The full-size student's config, before anything changes, shrunk the same way as the teacher's.
+    small_student = shrink(student_config(r, teacher_cfg, load=_config), tokenizer, r, "student.path")
+    small_teacher = shrink(teacher_cfg, tokenizer, r, "teacher.path") if teacher_cfg is not None else None
+    if small_teacher is not None:
         depth = small_teacher.num_hidden_layers
         r.teacher.path = str(_materialise(small_teacher, tokenizer, models, "teacher"))
         if r.student.init == "teacher_layers":
@@ -69,17 +70,15 @@ def smoke(recipe: Recipe) -> Recipe:
             if not r.student.teacher_layers:
                 raise ConfigError(r.source, "student.teacher_layers", f"--smoke keeps teacher layers < {depth}: none")
     if r.student.init == "checkpoint":
-        r.student.path = str(_materialise(shrink(student_cfg, tokenizer), tokenizer, models, "student"))
+        r.student.path = str(_materialise(small_student, tokenizer, models, "student"))
     elif r.student.init == "config":
-        r.student.path = str(_materialise(shrink(student_cfg, tokenizer), tokenizer, models, "student", weights=False))
+        r.student.path = str(_materialise(small_student, tokenizer, models, "student", weights=False))
         r.student.overrides = {}
 
     student_depth = (
-        len(r.student.teacher_layers)
-        if r.student.init == "teacher_layers"
-        else max(1, student_cfg.num_hidden_layers // DEPTH_DIVISOR)
+        len(r.student.teacher_layers) if r.student.init == "teacher_layers" else small_student.num_hidden_layers
     )
-    teacher_depth = small_teacher.num_hidden_layers if teacher_cfg is not None else student_depth
+    teacher_depth = small_teacher.num_hidden_layers if small_teacher is not None else student_depth
     for term in r.losses.terms:
         if not isinstance(term.layer_map, str):
             term.layer_map = [[s, t] for s, t in term.layer_map if s <= student_depth and t <= teacher_depth]
@@ -116,10 +115,11 @@ def _config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
     return published_config(path) or load_config(path, recipe, key)
 
 
-def shrink(config: PretrainedConfig, tokenizer) -> PretrainedConfig:
+def shrink(config: PretrainedConfig, tokenizer, recipe: Recipe, key: str) -> PretrainedConfig:
     """``config`` at half the depth and 1/16 of the width, heads kept, on ``tokenizer``'s vocabulary."""
     if config.model_type not in _WIDTHS:
-        raise ValueError(f"--smoke cannot shrink model_type '{config.model_type}'; known: {', '.join(_WIDTHS)}")
+        known = ", ".join(_WIDTHS)
+        raise ConfigError(recipe.source, key, f"--smoke cannot shrink model_type '{config.model_type}'; known: {known}")
     c = copy.deepcopy(config)
     heads = c.num_attention_heads
     per_head, plain = _WIDTHS[c.model_type]

@@ -123,18 +123,17 @@ def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn
 
 def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
     cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
-    kwargs = {"dtype": torch.float32, "config": load_config(recipe.student.path, recipe, "student.path")}
+    # The checkpoint's config with the overrides applied before the modules are built (a dropout
+    # override set afterwards would change the config but not the model).
+    kwargs = {"dtype": torch.float32, "config": student_config(recipe, None)}
     if attn_implementation(needs):
         kwargs["attn_implementation"] = attn_implementation(needs)
-    student_config(recipe, None)  # overrides checked with the key named
     try:
         model = cls.from_pretrained(model_location(recipe.student.path), **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(
             recipe.source, "student.path", f"cannot load a model from {recipe.student.path!r}: {e}"
         ) from None
-    for key, value in recipe.student.overrides.items():
-        setattr(model.config, key, value)
     return model
 
 

@@ -219,15 +219,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out loss terms and teacher-student agreement, averaged over every rank's batches."""
         self.engine.eval()
-        names = (
-            ["loss/total"]
-            + [f"loss/{n}" for n in self.model.term_names]
-            + [
-                "agreement/hidden_cosine",
-                "agreement/top1",
-                "student/mlm_loss",
-            ]
-        )
+        terms = [f"loss/{n}" for n in self.model.term_names]
+        names = ["loss/total", *terms, "agreement/hidden_cosine", "agreement/top1", "student/mlm_loss"]
         sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
         for batch in self.heldout:
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}
