@@ -60,11 +60,15 @@ _MLM_HEADS: dict[str, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tenso
 }
 
 
+def _bert_query_key(base: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    return [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer]
+
+
 # model_type -> the (query, key) projections of every layer, in order, for the pre-softmax scores.
 _QUERY_KEY: dict[str, Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]] = {
-    "bert": lambda base: [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer],
-    "mobilebert": lambda base: [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer],
-    "roberta": lambda base: [(m.attention.self.query, m.attention.self.key) for m in base.encoder.layer],
+    "bert": _bert_query_key,
+    "mobilebert": _bert_query_key,
+    "roberta": _bert_query_key,
     "distilbert": lambda base: [(m.attention.q_lin, m.attention.k_lin) for m in base.transformer.layer],
     # One shared layer applied R times: the same modules fire once per recursion.
     "minialbert": lambda base: (

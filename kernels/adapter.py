@@ -197,7 +197,7 @@ def _adapter_bwd(DY, X, Z, MEAN, RSTD, WD, WU, BU, G, DX, DV, DZ, DG_PART, DB_PA
         tl.store(DX + rows[:, None] * H + cols[None, :], dx, mask=m2d)
 
 
-def _blocks(M: int, H: int, R: int) -> tuple[int, int, int]:
+def _blocks(H: int, R: int) -> tuple[int, int, int]:
     # tl.dot needs every tile dimension >= 16.
     return 32, min(128, max(16, triton.next_power_of_2(H))), max(16, triton.next_power_of_2(R))
 
@@ -225,7 +225,7 @@ class FusedBottleneckAdapter(torch.autograd.Function):
         z = torch.empty(M, R, device=x.device, dtype=torch.float32)
         mean = torch.empty(M, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        BM, BH, BR = _blocks(M, H, R)
+        BM, BH, BR = _blocks(H, R)
         _adapter_fwd[(triton.cdiv(M, BM),)](
             x2, wd, bd, wu, bu, g, b, y, z, mean, rstd, M, H, R, eps,
             BLOCK_M=BM, BLOCK_H=BH, BLOCK_R=BR, PRECISION=_precision(dt), UPCAST=_upcast(dt), num_warps=4,
@@ -241,7 +241,7 @@ class FusedBottleneckAdapter(torch.autograd.Function):
         M, H = x2.shape
         R = wd.shape[0]
         dy2 = dy.reshape(-1, H).contiguous()
-        BM, BH, BR = _blocks(M, H, R)
+        BM, BH, BR = _blocks(H, R)
         grid = triton.cdiv(M, BM)
         dx = torch.empty_like(x2)
         dv = torch.empty_like(x2)

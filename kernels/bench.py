@@ -129,12 +129,17 @@ def bench_step(args) -> str:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rows = []
-    for name, mode in (("eager adapters", "reference"), ("fused adapters", "triton")):
-        os.environ["BIODISTILL_KERNELS"] = mode
-        ms = median_ms(step, device, args.reps)
-        rows.append((name, {"fwd+bwd ms": ms, "tokens/s": batch * length / ms * 1e3}))
-    os.environ.pop("BIODISTILL_KERNELS")
+    rows, previous = [], os.environ.get("BIODISTILL_KERNELS")
+    try:
+        for name, mode in (("eager adapters", "reference"), ("fused adapters", "triton")):
+            os.environ["BIODISTILL_KERNELS"] = mode
+            ms = median_ms(step, device, args.reps)
+            rows.append((name, {"fwd+bwd ms": ms, "tokens/s": batch * length / ms * 1e3}))
+    finally:  # the switch is process-wide: leave it as found
+        if previous is None:
+            os.environ.pop("BIODISTILL_KERNELS", None)
+        else:
+            os.environ["BIODISTILL_KERNELS"] = previous
     title = f"MiniALBERT training step: {batch} x {length} tokens, {args.dtype}, {_device_name(device)}"
     return table(title, rows, baseline="eager adapters")
 
