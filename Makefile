@@ -25,5 +25,7 @@ bench-overhead: install
 	$(PYTHON) -m biodistill.engine.bench --steps 20
 
 bench-kernels: install
+	$(PIP) install -q -e ".[bench]"  # Liger-Kernel, a comparison row in the KL table
+	$(PYTHON) -m biodistill.kernels.bench kl
 	$(PYTHON) -m biodistill.kernels.bench adapter
 	$(PYTHON) -m biodistill.kernels.bench step

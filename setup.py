@@ -35,6 +35,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0"],
+        "bench": ["triton>=3.0", "liger-kernel"],  # kernel benchmarks: Liger as a comparison only
     },
     entry_points={"console_scripts": ["biodistill-train=biodistill.engine.cli:main"]},
 )

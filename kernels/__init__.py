@@ -10,13 +10,15 @@ Nothing in this package imports the engine.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
+from torch import nn
 
-from biodistill.kernels.reference import bottleneck_adapter as _adapter_reference
-from biodistill.kernels.reference import temperature_kl
+from biodistill.kernels import reference
+from biodistill.kernels.reference import Reduction
 
-__all__ = ["bottleneck_adapter", "temperature_kl", "use_triton"]
+__all__ = ["TemperatureKL", "bottleneck_adapter", "temperature_kl", "use_triton"]
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -33,4 +35,56 @@ def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, norm_weigh
         from biodistill.kernels.adapter import fused_bottleneck_adapter  # imports triton only when used
 
         return fused_bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)
-    return _adapter_reference(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)
+    return reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)
+
+
+def temperature_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: Reduction = "batchmean",
+    scale_t2: bool = True,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) over the rows of ``[..., V]`` logits, fp32 whatever the
+    input dtypes; see ``reference.temperature_kl`` for rows and reductions. ``inplace`` lets the kernel
+    write the gradient into ``student_logits`` (their values are gone after the call; the reference
+    ignores it). The fused kernel treats the teacher as a constant target."""
+    kwargs = dict(mask=mask, labels=labels, ignore_index=ignore_index)
+    if use_triton(student_logits):
+        from biodistill.kernels.kl import fused_temperature_kl  # imports triton only when used
+
+        return fused_temperature_kl(
+            student_logits, teacher_logits, temperature, reduction, scale_t2, inplace=inplace, **kwargs
+        )
+    return reference.temperature_kl(student_logits, teacher_logits, temperature, reduction, scale_t2, **kwargs)
+
+
+class TemperatureKL(nn.Module):
+    """The loss as a module: ``TemperatureKL(2.0)(student_logits, teacher_logits, mask=...)``, dispatching
+    like :func:`temperature_kl` (CUDA tensors take the kernel, CPU tensors the reference)."""
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        reduction: Reduction = "batchmean",
+        scale_t2: bool = True,
+        ignore_index: int = -100,
+        inplace: bool = False,
+    ):
+        super().__init__()
+        self.temperature, self.reduction, self.scale_t2 = temperature, reduction, scale_t2
+        self.ignore_index, self.inplace = ignore_index, inplace
+
+    def forward(self, student_logits, teacher_logits, mask=None, labels=None):
+        return temperature_kl(
+            student_logits, teacher_logits, self.temperature, self.reduction, self.scale_t2,
+            mask=mask, labels=labels, ignore_index=self.ignore_index, inplace=self.inplace,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, scale_t2={self.scale_t2}"

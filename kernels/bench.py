@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: one harness, one subcommand per kernel; every row a ratio against named
 baselines measured in the same run.
 
+    python -m biodistill.kernels.bench kl                   # fused temperature KL vs eager / torch.compile / Liger
     python -m biodistill.kernels.bench adapter              # fused bottleneck adapter vs eager / torch.compile
     python -m biodistill.kernels.bench step                 # a whole MiniALBERT training step, kernel on vs off
     python -m biodistill.kernels.bench adapter --small      # CPU check of the harness (Triton interpreter)
@@ -12,6 +13,7 @@ inputs; on CPU (harness verification only) times are wall-clock medians and memo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import time
@@ -45,6 +47,34 @@ def peak_mb(fn: Callable[[], object], device: str) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def split_ms(setup: Callable[[], object], timed: Callable[[object], object], device: str, reps: int) -> float:
+    """Median time of ``timed(setup())`` alone: a backward pass without the forward that feeds it."""
+    timed(setup())  # warm-up
+    times = []
+    for _ in range(reps):
+        state = setup()
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            timed(state)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            timed(state)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: str, mbytes: int) -> float:
+    """Measured device-to-device copy bandwidth (read + write), the yardstick for memory-bound kernels."""
+    src = torch.empty(mbytes * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, reps=20)
+    return 2 * src.numel() / ms / 1e6
+
+
 def table(title: str, rows: list[tuple[str, dict[str, float]]], baseline: str) -> str:
     """Rows of {column: ms or MB}; each provider's fwd+bwd ratio against ``baseline``."""
     cols = list(rows[0][1])
@@ -54,6 +84,81 @@ def table(title: str, rows: list[tuple[str, dict[str, float]]], baseline: str) -
     for name, vals in rows:
         cells = "".join(f"{v:>14.3f}" for v in vals.values())
         out.append(f"{name:<16}{cells}{base / vals['fwd+bwd ms']:>9.2f}x")
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------------------------------- kl
+
+
+def eager_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """What a distillation script writes by hand: two log-softmaxes and kl_div, T^2-scaled."""
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(s.float() / temperature, dim=-1)
+    log_p = F.log_softmax(t.float() / temperature, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2
+
+
+def liger_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Liger-Kernel's KL path: its kl_div kernel takes log-probabilities, so softmax and temperature
+    run eagerly outside it (it has no fused temperature form)."""
+    import torch.nn.functional as F
+    from liger_kernel.transformers.functional import liger_kl_div
+
+    log_q = F.log_softmax(s.float() / temperature, dim=-1)
+    log_p = F.log_softmax(t.float() / temperature, dim=-1)
+    return liger_kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2
+
+
+def bench_kl(args) -> str:
+    """N rows x V, bf16 student / fp16 teacher (the engine's mixed-precision case), T = 2, batchmean.
+    GB/s counts the 6V-bytes-per-row floor (read s and t, write the gradient once) for every provider."""
+    from biodistill.kernels.kl import fused_temperature_kl
+
+    device, N, T = args.device, args.rows, 2.0
+    copy = copy_bandwidth_gbs(device, 1024 if device == "cuda" else 64)
+    providers = {"eager": eager_kl}
+    if not args.no_compile:
+        providers["torch.compile"] = torch.compile(eager_kl, dynamic=False)
+    if device != "cuda":
+        print("liger-kernel skipped: its kernels do not run under the Triton interpreter")
+    elif importlib.util.find_spec("liger_kernel") is None:
+        print("liger-kernel not installed (pip install -e '.[bench]'): its row is skipped")
+    else:
+        providers["liger-kernel"] = liger_kl
+    providers["triton (ours)"] = fused_temperature_kl
+    out = [f"copy bandwidth {copy:.0f} GB/s (device-to-device, read + write), {_device_name(device)}"]
+    for V in args.vocab:
+        g = torch.Generator(device="cpu").manual_seed(V)
+        s = (torch.randn(N, V, generator=g) * 3).to(device, torch.bfloat16).requires_grad_()
+        t = (torch.randn(N, V, generator=g) * 3).to(device, torch.float16)
+        floor_bytes = 6 * N * V
+        rows = []
+        for name, fn in providers.items():
+
+            def forward(fn=fn, s=s, t=t):
+                s.grad = None
+                return fn(s, t, T)
+
+            def fwd_bwd(forward=forward):
+                forward().backward()
+
+            both = median_ms(fwd_bwd, device, args.reps)
+            rows.append(
+                (
+                    name,
+                    {
+                        "fwd ms": median_ms(forward, device, args.reps),
+                        "bwd ms": split_ms(forward, lambda loss: loss.backward(), device, args.reps),
+                        "fwd+bwd ms": both,
+                        "GB/s": floor_bytes / both / 1e6,
+                        "% of copy": 100 * floor_bytes / both / 1e6 / copy,
+                        # Beyond the inputs and the gradient every provider must produce.
+                        "extra MB": peak_mb(fwd_bwd, device) - s.numel() * s.element_size() / 2**20,
+                    },
+                )
+            )
+        out.append(table(f"\ntemperature KL: N={N} rows x V={V}, bf16 student / fp16 teacher, T={T}", rows, "eager"))
     return "\n".join(out)
 
 
@@ -150,8 +255,10 @@ def _device_name(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m biodistill.kernels.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("kernel", choices=["adapter", "step"])
+    parser.add_argument("kernel", choices=["kl", "adapter", "step"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--rows", type=int, default=8192, help="kl: logit rows N")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[28996, 30522, 50265, 128256], help="kl: vocabularies")
     parser.add_argument("--tokens", type=int, default=192 * 256, help="adapter: rows M (batch x length)")
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--reduction", type=int, default=16)
@@ -167,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.small:
             args.tokens, args.hidden, args.batch, args.length, args.reps = 64, 96, 2, 16, 3
             args.dtype = "float32"
-    print({"adapter": bench_adapter, "step": bench_step}[args.kernel](args))
+            args.rows, args.vocab = 16, [1000, 5000]
+    print({"kl": bench_kl, "adapter": bench_adapter, "step": bench_step}[args.kernel](args))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,55 @@ with x of width H and the bottleneck r = H / reduction_factor.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 Reduction = Literal["batchmean", "sum", "mean", "none"]
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def kl_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    reduction: str,
+    mask: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Check the arguments every temperature-KL implementation takes and bring them to rows.
+
+    Returns ``[N, V]`` views (copies only where a view is impossible) of both logits and the row
+    selection as a bool ``[N]`` tensor, or None when every row counts. Each error names the argument.
+    """
+    s, t = student_logits, teacher_logits
+    if s.shape != t.shape:
+        raise ValueError(f"logit shapes differ: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+    if s.dim() < 1 or s.shape[-1] == 0:
+        raise ValueError(f"logits need a non-empty vocabulary dimension, got shape {tuple(s.shape)}")
+    for name, x in (("student_logits", s), ("teacher_logits", t)):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if s.device != t.device:
+        raise ValueError(f"student_logits on {s.device}, teacher_logits on {t.device}: put both on one device")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected batchmean, sum, mean or none")
+    if mask is not None and labels is not None:
+        raise ValueError("give the rows either as mask or as labels (with ignore_index), not both")
+    keep = mask if labels is None else labels != ignore_index
+    if keep is not None:
+        name = "mask" if labels is None else "labels"
+        if keep.shape != s.shape[:-1]:
+            raise ValueError(f"{name} has shape {tuple(keep.shape)}; the logits' rows are {tuple(s.shape[:-1])}")
+        if keep.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = the row counts), got {keep.dtype}")
+        keep = keep.reshape(-1).to(s.device)
+    V = s.shape[-1]
+    return s.reshape(-1, V), t.reshape(-1, V), keep
 
 
 def temperature_kl(
@@ -29,35 +72,37 @@ def temperature_kl(
     temperature: float = 1.0,
     reduction: Reduction = "batchmean",
     scale_t2: bool = True,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
-    """T^2-scaled KL(softmax(t/T) || softmax(s/T)) over rows of ``[N, V]`` logits.
+    """T^2-scaled KL(softmax(t/T) || softmax(s/T)) over the rows of ``[..., V]`` logits.
 
-    ``batchmean`` divides by the number of rows N (0 rows give 0, not NaN); ``mean`` by N*V;
-    ``none`` returns the per-row loss ``[N]``.
+    Rows are selected by ``mask`` (bool over the leading dims, True = counts) or by ``labels`` (rows
+    whose label is ``ignore_index`` are ignored); ignored rows give zero loss and zero gradient.
+    ``batchmean`` divides the sum over rows by the number of selected rows, ``mean`` by that times V
+    (no selected row gives 0, not NaN); ``none`` returns the per-row loss shaped like the leading dims.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
-        )
-    s = student_logits.float() / temperature
-    t = teacher_logits.float() / temperature
-    log_q = F.log_softmax(s, dim=-1)
-    log_p = F.log_softmax(t, dim=-1)
+    s, t, keep = kl_rows(student_logits, teacher_logits, temperature, reduction, mask, labels, ignore_index)
+    log_q = F.log_softmax(s.float() / temperature, dim=-1)
+    log_p = F.log_softmax(t.float() / temperature, dim=-1)
     # xlogy-style guard: p = 0 entries (a -inf teacher logit) contribute 0, not 0 * -inf = NaN.
     p = log_p.exp()
-    per_elem = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    per_row = per_elem.sum(-1)
+    per_row = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
     if scale_t2:
         per_row = per_row * (temperature * temperature)
+    if keep is not None:
+        # where, not multiply: an ignored row's inf or NaN must not leak into the sum or the gradient.
+        per_row = torch.where(keep, per_row, torch.zeros_like(per_row))
     if reduction == "none":
-        return per_row
+        return per_row.reshape(student_logits.shape[:-1])
+    total = per_row.sum()
     if reduction == "sum":
-        return per_row.sum()
-    if reduction == "batchmean":
-        return per_row.sum() / max(per_row.shape[0], 1)
-    if reduction == "mean":
-        return per_row.sum() / max(per_elem.numel(), 1)
-    raise ValueError(f"unknown reduction {reduction!r}; expected batchmean, sum, mean or none")
+        return total
+    # Divide on the device (no host sync); no selected row gives 0, not NaN.
+    rows = keep.sum().clamp(min=1) if keep is not None else max(per_row.shape[0], 1)
+    return total / rows if reduction == "batchmean" else total / (rows * s.shape[-1])
 
 
 def bottleneck_adapter(
