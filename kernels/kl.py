@@ -227,11 +227,9 @@ def fused_temperature_kl(
             "gradient for it: pass teacher_logits.detach() (or use BIODISTILL_KERNELS=reference)"
         )
     s, t, keep = kl_rows(student_logits, teacher_logits, temperature, reduction, mask, labels, ignore_index)
-    if (
-        inplace
-        and student_logits.requires_grad
-        and (student_logits.is_leaf or s.data_ptr() != student_logits.data_ptr())
-    ):
+    if not torch.is_grad_enabled():
+        s = s.detach()  # evaluation: the kernel then writes no gradient (and never touches the buffer)
+    elif inplace and s.requires_grad and (student_logits.is_leaf or s.data_ptr() != student_logits.data_ptr()):
         raise ValueError(
             "inplace=True needs student logits computed by the model (not a leaf) whose [N, V] rows are a view "
             f"(shape {tuple(student_logits.shape)}, strides {student_logits.stride()})"

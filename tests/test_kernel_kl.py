@@ -230,7 +230,9 @@ def test_no_gradient_requested_writes_none():
     before = s.clone()
     with torch.no_grad():
         loss = fused_temperature_kl(s, t, 2.0, inplace=True)
-    torch.testing.assert_close(loss.double(), kl64(s, t, 2.0)[0].mean(), rtol=1e-5, atol=1e-7)
+        leaf_loss = fused_temperature_kl(s.clone().requires_grad_(), t, 2.0, inplace=True)  # eval of a leaf
+    for value in (loss, leaf_loss):
+        torch.testing.assert_close(value.double(), kl64(s, t, 2.0)[0].mean(), rtol=1e-5, atol=1e-7)
     assert torch.equal(s, before)
 
 
