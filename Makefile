@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test lint bench-overhead bench-kernels
+.PHONY: install demo test lint bench-overhead bench-data bench-kernels
 
 install:
 	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels onto a CPU machine.
@@ -23,6 +23,9 @@ lint:
 
 bench-overhead: install
 	$(PYTHON) -m biodistill.engine.bench --steps 20
+
+bench-data: install
+	$(PYTHON) -m biodistill.engine.bench_data --documents 40000
 
 bench-kernels: install
 	$(PIP) install -q -e ".[bench]"  # Liger-Kernel, a comparison row in the KL table

@@ -37,5 +37,10 @@ setup(
         "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0"],
         "bench": ["triton>=3.0", "liger-kernel"],  # kernel benchmarks: Liger as a comparison only
     },
-    entry_points={"console_scripts": ["biodistill-train=biodistill.engine.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "biodistill-train=biodistill.engine.cli:main",
+            "biodistill-prepare=biodistill.engine.prepare:main",
+        ]
+    },
 )

@@ -33,13 +33,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, directory: str, step: int, consumed: int, recipe: dict) -> str:
-    """Save at ``directory/step{step}``. Every rank's RNG state goes into the client state: DeepSpeed
-    writes it only from the ranks that write model states, so we gather them first."""
+def save(engine, directory: str, step: int, consumed: int, recipe: dict, data_state: Optional[dict] = None) -> str:
+    """Save at ``directory/step{step}``. Every rank's RNG state (and stream position, when streaming)
+    goes into the client state: DeepSpeed writes it only from the ranks that write model states, so we
+    gather them first."""
     states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
+    dist.all_gather_object(states, (rng_state(), data_state))
     tag = f"step{step}"
-    client = {"step": step, "consumed_micro_batches": consumed, "rng": states, "recipe": recipe}
+    client = {
+        "step": step,
+        "consumed_micro_batches": consumed,
+        "rng": [rng for rng, _ in states],
+        "data": [data for _, data in states],
+        "recipe": recipe,
+    }
     engine.save_checkpoint(directory, tag=tag, client_state=client)
     return tag
 

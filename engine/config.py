@@ -33,8 +33,11 @@ class ConfigError(ValueError):
     """A recipe that cannot run. The message names the source (file or flag) and the key."""
 
     def __init__(self, source: str, key: str, message: str):
-        self.source, self.key = source, key
+        self.source, self.key, self.message = source, key, message
         super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+    def __reduce__(self):  # crosses process boundaries whole (data preparation raises it in workers)
+        return type(self), (self.source, self.key, self.message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,13 +62,21 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # .txt (a document a line), .jsonl/.json, .parquet; globs ok
+    # PubMed .xml(.gz), MIMIC-III NOTEEVENTS .csv(.gz), .txt (a document a line), .jsonl, .parquet; globs ok
+    train_files: list[str] = field(default_factory=list)
     dataset: str = ""  # a `datasets` name instead of files (needs a reachable hub or local cache)
     dataset_config: str = ""
     dataset_split: str = "train"
     text_field: str = "text"
     max_length: int = 128
-    packing: bool = True  # concatenate documents and cut full blocks; false: truncate each document
+    packing: bool = True  # concatenate documents and cut full blocks; false: keep document boundaries
+    long_documents: Literal["truncate", "split"] = "truncate"  # without packing: cut at max_length, or continue
+    whole_word_masking: bool = False  # mask every piece of a chosen word, not single word pieces
+    note_categories: list[str] = field(default_factory=list)  # NOTEEVENTS CATEGORY values to keep; empty: all
+    deid: Literal["keep", "normalise", "remove"] = "keep"  # MIMIC's [** ... **] placeholders
+    require_abstract: bool = True  # PubMed: skip citations that have a title but no abstract
+    on_bad_input: Literal["skip", "error"] = "skip"  # unreadable records: count and go on, or stop
+    streaming: bool = False  # read and tokenise on the fly, each rank its shard (no cache; corpora beyond disk)
     mlm_probability: float = 0.15
     heldout_fraction: float = 0.05  # documents held out for evaluation
     cache_dir: str = "~/.cache/biodistill/datasets"
@@ -356,6 +367,7 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
     check(0 < d.mlm_probability < 1, "data.mlm_probability", f"must be in (0, 1), got {d.mlm_probability}")
     check(0 < d.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {d.heldout_fraction}")
     check(d.num_workers >= 1, "data.num_workers", "must be >= 1")
+    check(not (d.streaming and d.dataset), "data.streaming", "streams files (data.train_files), not data.dataset")
 
     t = r.train
     check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")

@@ -13,9 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,57 +24,7 @@ from biodistill.engine.config import ConfigError, DataConfig, data_files
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cached layout or the chunking rule changes
-_READERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-# ----------------------------------------------------------------------------------------- reading
-
-
-def load_documents(data: DataConfig, source: str) -> datasets.Dataset:
-    """All documents as one ``datasets.Dataset`` with a single ``text`` column (empty ones dropped)."""
-    if data.dataset:
-        try:
-            parts = [datasets.load_dataset(data.dataset, data.dataset_config or None, split=data.dataset_split)]
-        except Exception as e:  # datasets raises many types for "cannot get it"; all mean the same here
-            raise ConfigError(source, "data.dataset", f"cannot load dataset {data.dataset!r}: {e}") from None
-        names = [f"data.dataset ({data.dataset})"]
-    else:
-        parts, names = [], []
-        for key, path in data_files(data, source):
-            reader = _READERS.get(path.suffix.lower())
-            if reader is None:
-                raise ConfigError(
-                    source, key, f"{path}: unknown format '{path.suffix}'; expected one of {', '.join(_READERS)}"
-                )
-            try:
-                part = datasets.load_dataset(
-                    reader,
-                    data_files=[str(path)],
-                    split="train",
-                    cache_dir=str(Path(data.cache_dir).expanduser() / "raw"),
-                )
-            except Exception as e:
-                raise ConfigError(source, key, f"cannot read {path} as {reader}: {e}") from None
-            parts.append(part)
-            names.append(f"{key} ({path})")
-    docs = []
-    for part, name in zip(parts, names):
-        field = "text" if part.column_names == ["text"] else data.text_field
-        if field not in part.column_names:
-            raise ConfigError(
-                source, "data.text_field", f"{name} has no column {field!r}; its columns are {part.column_names}"
-            )
-        part = part.select_columns([field])
-        if field != "text":
-            part = part.rename_column(field, "text")
-        docs.append(part.cast_column("text", datasets.Value("string")))
-    docs = datasets.concatenate_datasets(docs).filter(
-        lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True
-    )
-    if len(docs) < 2:
-        raise ConfigError(source, "data", f"found {len(docs)} non-empty document(s); need at least 2 (one held out)")
-    return docs
+CACHE_FORMAT = 2  # bump when the cached layout, a reader or the chunking rule changes
 
 
 # ------------------------------------------------------------------------------ tokenising + cache
@@ -114,30 +61,14 @@ def cache_key(data: DataConfig, tokenizer) -> str:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": data.max_length,
         "packing": data.packing,
+        "long_documents": data.long_documents,
+        "note_categories": sorted(c.lower() for c in data.note_categories),
+        "deid": data.deid,
+        "require_abstract": data.require_abstract,
         "heldout_fraction": data.heldout_fraction,
         "seed": data.seed,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _chunker(tokenizer, max_length: int, packing: bool) -> Callable[[dict], dict]:
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    body = max_length - 2  # room for [CLS] ... [SEP]
-
-    def chunk(batch: dict) -> dict:
-        ids = tokenizer(
-            batch["text"], add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
-        )["input_ids"]
-        if packing:
-            # Documents joined by [SEP], cut into full blocks; the tail of each map batch is dropped,
-            # as transformers' run_mlm group_texts does.
-            stream = [tok for doc in ids for tok in doc + [sep_id]]
-            blocks = [stream[i : i + body] for i in range(0, len(stream) - body + 1, body)]
-        else:
-            blocks = [doc[:body] for doc in ids if doc]
-        return {"input_ids": [[cls_id, *b, sep_id] for b in blocks]}
-
-    return chunk
 
 
 def prepare(data: DataConfig, tokenizer, source: str, is_builder: bool, barrier: Callable[[], None]):
@@ -154,62 +85,20 @@ def prepare(data: DataConfig, tokenizer, source: str, is_builder: bool, barrier:
     final = root / cache_key(data, tokenizer)
     built = False
     if is_builder and not (final / "meta.json").is_file():
-        _build(data, tokenizer, source, final)
+        from biodistill.engine.prepare import build  # the corpus readers and the tokenising pipeline
+
+        build(data, tokenizer, source, final, progress=is_builder)
         built = True
     barrier()
     if not (final / "meta.json").is_file():
         raise RuntimeError(f"data cache {final} was not built; is data.cache_dir shared between the ranks of a node?")
-    splits = datasets.load_from_disk(str(final))
+    # Memory-mapped: every rank of a node shares the page cache, whatever the corpus size.
+    splits = datasets.DatasetDict(
+        {name: datasets.Dataset.from_file(str(final / f"{name}.arrow")) for name in ("train", "heldout")}
+    )
     info = json.loads((final / "meta.json").read_text())
     info.update(path=str(final), from_cache=not built)
     return splits, info
-
-
-def _build(data: DataConfig, tokenizer, source: str, final: Path) -> None:
-    start = time.perf_counter()
-    docs = load_documents(data, source)
-    n_held = max(1, round(len(docs) * data.heldout_fraction))
-    split = docs.train_test_split(test_size=n_held, seed=data.seed, shuffle=True)
-    chunk = _chunker(tokenizer, data.max_length, data.packing)
-    out = datasets.DatasetDict(
-        {
-            name: split[part].map(
-                chunk,
-                batched=True,
-                batch_size=1000,
-                remove_columns=["text"],
-                num_proc=data.num_workers if data.num_workers > 1 else None,
-                desc=f"tokenising {name}",
-            )
-            for name, part in (("train", "train"), ("heldout", "test"))
-        }
-    )
-    meta = {
-        "documents": {"train": len(split["train"]), "heldout": len(split["test"])},
-        "sequences": {k: len(v) for k, v in out.items()},
-        "tokens": {k: int(sum(len(x) for x in v["input_ids"])) for k, v in out.items()},
-        "max_length": data.max_length,
-        "packing": data.packing,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    for name, n in meta["sequences"].items():
-        if n == 0:
-            raise ConfigError(
-                source,
-                "data",
-                f"the {name} split has no sequence of data.max_length={data.max_length} "
-                "tokens; add text or set data.packing: false",
-            )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.save_to_disk(str(tmp))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another node's builder won the race on a shared filesystem: same content
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("tokenised %s into %s", meta, final)
 
 
 # -------------------------------------------------------------------------------- masking, batches
@@ -237,18 +126,25 @@ class MLMCollator:
     the CPU in the loader, so the training step needs no ``nonzero()`` host sync.
     """
 
-    def __init__(self, tokenizer, mlm_probability: float, seed: int, logit_rows: str = "masked"):
+    def __init__(
+        self, tokenizer, mlm_probability: float, seed: int, logit_rows: str = "masked", whole_word: bool = False
+    ):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.p, self.seed, self.logit_rows = mlm_probability, seed, logit_rows
+        self.continues_word = word_continuations(tokenizer) if whole_word else None
 
     def mask(self, ids: list[int], epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
         ids = torch.tensor(ids, dtype=torch.long)
         candidates = ~torch.isin(ids, self.special)
-        targets = (torch.rand(ids.shape, generator=g) < self.p) & candidates
+        if self.continues_word is None:
+            targets = (torch.rand(ids.shape, generator=g) < self.p) & candidates
+        else:  # whole words: a word is a start piece and the continuation pieces after it
+            word = torch.cumsum(~(self.continues_word[ids] & candidates), 0) - 1
+            targets = (torch.rand(int(word[-1]) + 1, generator=g) < self.p)[word] & candidates
         action = torch.rand(ids.shape, generator=g)
         random_tokens = torch.randint(self.vocab_size, ids.shape, generator=g)
         labels = torch.where(targets, ids, -100)
@@ -274,6 +170,22 @@ class MLMCollator:
             "row_labels": labels.flatten().index_select(0, rows),
             "sample_ids": torch.tensor([index for _, _, index in items]),
         }
+
+
+def word_continuations(tokenizer) -> torch.Tensor:
+    """``[vocab]`` bool: True for pieces that continue a word. WordPiece marks continuations ("##ing");
+    SentencePiece ("\u2581") and byte-level BPE ("\u0120") mark word starts instead."""
+    vocab = tokenizer.get_vocab()
+    pieces = [""] * len(tokenizer)
+    for piece, i in vocab.items():
+        if i < len(pieces):
+            pieces[i] = piece
+    if any(p.startswith("##") for p in pieces):
+        flags = [p.startswith("##") for p in pieces]
+    else:
+        marker = "\u2581" if any(p.startswith("\u2581") for p in pieces) else "\u0120"
+        flags = [bool(p) and not p.startswith(marker) for p in pieces]
+    return torch.tensor(flags, dtype=torch.bool)
 
 
 class ShardedBatchSampler:

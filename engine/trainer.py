@@ -16,15 +16,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
-from biodistill.engine import checkpoint, data
+from biodistill.engine import checkpoint, data, streaming
 from biodistill.engine.config import ConfigError, Recipe
 from biodistill.engine.distributed import deepspeed_config, init_distributed
 from biodistill.engine.losses import DistillationModel, build_terms
 from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size
+from biodistill.engine.prepare import recipe_tokenizer
 from biodistill.engine.students import build_student, load_config, student_config
-from biodistill.engine.teacher import load_teacher, model_location
+from biodistill.engine.teacher import load_teacher
 
 log = logging.getLogger("biodistill")
 
@@ -67,8 +68,7 @@ class Trainer:
             if r.needs_teacher() or r.student.init == "teacher_layers"
             else None
         )
-        tokenizer_source = r.teacher.path or r.student.path
-        self.tokenizer = AutoTokenizer.from_pretrained(model_location(tokenizer_source))
+        self.tokenizer = recipe_tokenizer(r)
         self.student = build_student(r, student_needs, self.teacher)
         if not r.needs_teacher():
             self.teacher = None  # only used to initialise the student
@@ -111,16 +111,36 @@ class Trainer:
 
     def _build_data(self) -> None:
         r, d = self.recipe, self.dist
+        self.collator = data.MLMCollator(
+            self.tokenizer, r.data.mlm_probability, r.data.seed, r.losses.logit_rows, r.data.whole_word_masking
+        )
+        self.stream, self.stream_state = None, None
+        if r.data.streaming:
+            self.stream = streaming.DocumentStream(r.data, self.tokenizer, r.source, d.rank, d.world)
+            self.heldout = streaming.heldout_stream_batches(
+                r.data, self.tokenizer, r.source, self.collator, self.micro_batch, d.rank, d.world,
+                r.train.eval_batches,
+            )  # fmt: skip
+            self.data_info = {
+                "streaming": True,
+                "files": len(self.stream.files),
+                "files_per_rank": len(self.stream.mine),
+            }
+            return
         splits, self.data_info = data.prepare(
             r.data, self.tokenizer, r.source, is_builder=d.local_rank == 0, barrier=dist.barrier
         )
-        collator = data.MLMCollator(self.tokenizer, r.data.mlm_probability, r.data.seed, r.losses.logit_rows)
-        self.train_split, self.collator = splits["train"], collator
+        self.train_split = splits["train"]
         self.heldout = data.heldout_batches(
-            splits["heldout"], collator, self.micro_batch, d.rank, d.world, r.train.eval_batches
+            splits["heldout"], self.collator, self.micro_batch, d.rank, d.world, r.train.eval_batches
         )
 
     def _batches(self):
+        if self.stream is not None:
+            if self.stream_state is not None:
+                self.stream.load_state(self.stream_state)
+            self.batches = streaming.StreamBatches(self.stream, self.collator, self.micro_batch)
+            return self.batches
         sampler = data.ShardedBatchSampler(
             len(self.train_split),
             self.micro_batch,
@@ -282,7 +302,10 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints, export
 
     def save(self) -> None:
-        checkpoint.save(self.engine, str(self.out / "checkpoints"), self.step, self.consumed, self.recipe.to_dict())
+        stream = self.batches.state() if self.stream is not None else None
+        checkpoint.save(
+            self.engine, str(self.out / "checkpoints"), self.step, self.consumed, self.recipe.to_dict(), stream
+        )
 
     def _load(self) -> None:
         directory = self.out / "checkpoints"
@@ -296,6 +319,15 @@ class Trainer:
                 tqdm.write(f"[biodistill] --resume: no checkpoint in {directory}; starting from step 0")
             return
         self.step, self.consumed = client["step"], client["consumed_micro_batches"]
+        if self.stream is not None:
+            states = client.get("data") or [None]
+            if len(states) != self.dist.world or states[self.dist.rank] is None:
+                raise ConfigError(
+                    "--resume", "data.streaming",
+                    f"the checkpoint in {directory} has no stream position for rank {self.dist.rank} of "
+                    f"{self.dist.world}: a stream resumes on the same world size, from a streaming job",
+                )  # fmt: skip
+            self.stream_state = states[self.dist.rank]
         if self.dist.is_main:
             tqdm.write(f"[biodistill] resumed from {directory} at step {self.step}")
 

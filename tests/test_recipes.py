@@ -69,7 +69,7 @@ def test_a_missing_corpus_is_named_with_its_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as e:
         load_recipe(REPO / "configs" / "distilbiobert.yaml")
-    assert e.value.key == "data.train_files[0]" and "no file matches 'data/pubmed/*.jsonl'" in str(e.value)
+    assert e.value.key == "data.train_files[0]" and "no file matches 'data/pubmed/pubmed25n*.xml.gz'" in str(e.value)
 
 
 @pytest.mark.parametrize("path", PUBLISHED, ids=ids)
