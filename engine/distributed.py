@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -66,6 +67,17 @@ def init_distributed() -> Dist:
         # Ranks of one node share its cores; oversubscribed intra-op threads make every rank slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     return Dist(rank, world, local_rank, local_world, device)
+
+
+def release_shared_memory() -> None:
+    """Unlink the shared-memory all-reduce buffers DeepSpeed's CPU backend creates (one per local rank,
+    ~66 MB each, named after the user, master address and port) and never unlinks: without this every
+    CPU job leaves them in /dev/shm until the machine runs out of memory. Call once every rank is done
+    with collectives; the name goes, the mappings of processes still exiting stay valid."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port and os.environ.get("LOCAL_RANK", "0") == "0":
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
+            path.unlink(missing_ok=True)
 
 
 def deepspeed_config(recipe: Recipe, world: int) -> dict:

@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from biodistill.engine import checkpoint, data, streaming
 from biodistill.engine.config import ConfigError, Recipe
-from biodistill.engine.distributed import deepspeed_config, init_distributed
+from biodistill.engine.distributed import deepspeed_config, init_distributed, release_shared_memory
 from biodistill.engine.losses import DistillationModel, build_terms
 from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size
 from biodistill.engine.prepare import recipe_tokenizer
@@ -354,6 +354,7 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+            release_shared_memory()
 
 
 def format_report(before: dict[str, float], after: dict[str, float]) -> str:

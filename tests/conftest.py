@@ -137,7 +137,15 @@ def launch(
         *extra,
     ]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    finally:
+        # A job that fails never reaches the trainer's own release of DeepSpeed's /dev/shm buffers.
+        leaked = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before
+        for path in leaked:
+            path.unlink(missing_ok=True)
+    proc.leaked_shm = sorted(p.name for p in leaked)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
     return proc

@@ -51,6 +51,7 @@ def test_logit_family_trains_and_exports(logit_run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step4", "step8"]
     assert list((run / "monitor" / "tensorboard").rglob("events.out.tfevents.*"))
     assert "student exported" in proc.stdout + proc.stderr
+    assert proc.leaked_shm == []  # DeepSpeed's CPU all-reduce buffers released from /dev/shm
     # The export reloads with plain transformers and computes exactly what DeepSpeed's checkpoint holds.
     exported = AutoModelForMaskedLM.from_pretrained(run / "student").eval()
     ckpt = torch.load(run / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
