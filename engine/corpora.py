@@ -98,8 +98,12 @@ class _Bad:
         self.skipped[reason.split(" (")[0].split(";")[0]] += 1
 
 
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
+
+
 def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    raw = _open_binary(path)
     # surrogateescape: invalid UTF-8 bytes survive decoding as lone surrogates, so the record holding
     # them can be found and skipped instead of failing the whole file.
     return io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
@@ -121,7 +125,7 @@ _BLOCK = 1 << 20
 
 def _pubmed_records(path: Path) -> Iterator[tuple[bytes, bytes]]:
     """``(element name, bytes of the element)`` for each top-level record, in file order."""
-    raw = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    raw = _open_binary(path)
     damage = None
 
     def read_block() -> bytes:

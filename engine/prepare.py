@@ -132,20 +132,20 @@ class _Job:
     pubmed: bool
 
 
+def _write_docs(writer, keys: list[int], hashes: list[float], ids: list[list[int]]) -> int:
+    """One record batch of tokenised documents into a phase-1 shard; returns its token count."""
+    columns = [pa.array(keys, pa.int64()), pa.array(hashes, pa.float64()), pa.array(ids, pa.list_(pa.int32()))]
+    writer.write_batch(pa.record_batch(columns, schema=_DOC_SCHEMA))
+    return sum(len(x) for x in ids)
+
+
 def _tokenise_file(job: _Job, progress: Optional[tqdm] = None) -> FileResult:
     encode = Encoder(job.tokenizer_json)
     result = FileResult(str(job.shard))
     keys, hashes, texts = [], [], []
 
     def flush(writer):
-        ids = encode(texts)
-        result.tokens += sum(len(x) for x in ids)
-        writer.write_batch(
-            pa.record_batch(
-                [pa.array(keys, pa.int64()), pa.array(hashes, pa.float64()), pa.array(ids, pa.list_(pa.int32()))],
-                schema=_DOC_SCHEMA,
-            )
-        )
+        result.tokens += _write_docs(writer, keys, hashes, encode(texts))
         if progress is not None:
             progress.update(len(texts))
         keys.clear(), hashes.clear(), texts.clear()
@@ -196,20 +196,9 @@ def _dataset_job(data: DataConfig, shard: Path, tokenizer_json: str, source: str
             rows = part[start : start + ENCODE_BATCH][data.text_field]
             texts = [t.strip() for t in rows if isinstance(t, str) and t.strip()]
             result.skipped["empty or non-string text"] += len(rows) - len(texts)
-            keys = [f"{data.dataset}:{start + i}" for i in range(len(texts))]
-            ids = encode(texts)
+            hashes = [doc_hash(f"{data.dataset}:{start + i}", data.seed) for i in range(len(texts))]
             result.documents += len(texts)
-            result.tokens += sum(len(x) for x in ids)
-            writer.write_batch(
-                pa.record_batch(
-                    [
-                        pa.array([-1] * len(texts), pa.int64()),
-                        pa.array([doc_hash(k, data.seed) for k in keys]),
-                        pa.array(ids, pa.list_(pa.int32())),
-                    ],
-                    schema=_DOC_SCHEMA,
-                )  # fmt: skip
-            )
+            result.tokens += _write_docs(writer, [-1] * len(texts), hashes, encode(texts))
     return result
 
 
@@ -266,6 +255,11 @@ def _shard_batches(path: str):
         yield from pa.ipc.open_stream(source)
 
 
+def _shard_column(result: FileResult, name: str, dtype) -> np.ndarray:
+    """One column of a phase-1 shard, whole (keys and hashes: 8 bytes a document, read from the map)."""
+    return np.concatenate([b.column(name).to_numpy() for b in _shard_batches(result.shard)] or [np.empty(0, dtype)])
+
+
 def latest_versions(results: list[FileResult]) -> tuple[list[np.ndarray], int, int]:
     """Per shard, which documents survive PubMed's update semantics: the last file to mention a PMID
     decides (a newer version replaces an older one; a DeleteCitation removes it; within one file the
@@ -273,7 +267,7 @@ def latest_versions(results: list[FileResult]) -> tuple[list[np.ndarray], int, i
     keys, files, order, deleted = [], [], [], []
     sizes = []
     for i, r in enumerate(results):
-        k = np.concatenate([b.column("key").to_numpy() for b in _shard_batches(r.shard)] or [np.empty(0, np.int64)])
+        k = _shard_column(r, "key", np.int64)
         sizes.append(len(k))
         keys.append(k)
         files.append(np.full(len(k), i))
@@ -353,10 +347,7 @@ class Chunker:
 
 def write_splits(results: list[FileResult], keep: list[np.ndarray], data: DataConfig, tokenizer, out_dir: Path) -> dict:
     """Choose the held-out documents, chunk both splits, write ``train.arrow`` and ``heldout.arrow``."""
-    hashes = np.concatenate(
-        [np.concatenate([b.column("hash").to_numpy() for b in _shard_batches(r.shard)] or [np.empty(0)])[k]
-         for r, k in zip(results, keep)]
-    )  # fmt: skip
+    hashes = np.concatenate([_shard_column(r, "hash", np.float64)[k] for r, k in zip(results, keep)])
     n_docs = len(hashes)
     n_held = max(1, round(n_docs * data.heldout_fraction)) if n_docs >= 2 else 0
     threshold = np.partition(hashes, n_held - 1)[n_held - 1] if n_held else -1.0
@@ -386,15 +377,12 @@ def write_splits(results: list[FileResult], keep: list[np.ndarray], data: DataCo
                     part = ids.filter(pa.array(rows))
                     lengths = np.diff(part.offsets.to_numpy()).astype(np.int64)
                     values = part.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-                    nonempty = lengths > 0
                     stats[name]["documents"] += len(lengths)
-                    sequences = chunkers[name](values, lengths[nonempty] if not nonempty.all() else lengths)
+                    sequences = chunkers[name](values, lengths[lengths > 0])
                     if sequences is not None:
                         stats[name]["sequences"] += len(sequences)
                         stats[name]["tokens"] += len(sequences.values)
                         writers[name].write_batch(pa.record_batch([sequences], schema=_SEQ_SCHEMA))
-    for name in stats:
-        stats[name]["dropped_tail_tokens"] = len(chunkers[name].carry)
     return {key: {name: int(stats[name][key]) for name in stats} for key in ("documents", "sequences", "tokens")} | {
         "dropped_tail_tokens": sum(len(c.carry) for c in chunkers.values())
     }

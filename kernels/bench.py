@@ -90,23 +90,26 @@ def table(title: str, rows: list[tuple[str, dict[str, float]]], baseline: str) -
 # -------------------------------------------------------------------------------------------- kl
 
 
+def _log_probs(s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch.nn.functional as F
+
+    return F.log_softmax(s.float() / temperature, dim=-1), F.log_softmax(t.float() / temperature, dim=-1)
+
+
 def eager_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     """What a distillation script writes by hand: two log-softmaxes and kl_div, T^2-scaled."""
     import torch.nn.functional as F
 
-    log_q = F.log_softmax(s.float() / temperature, dim=-1)
-    log_p = F.log_softmax(t.float() / temperature, dim=-1)
+    log_q, log_p = _log_probs(s, t, temperature)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2
 
 
 def liger_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     """Liger-Kernel's KL path: its kl_div kernel takes log-probabilities, so softmax and temperature
     run eagerly outside it (it has no fused temperature form)."""
-    import torch.nn.functional as F
     from liger_kernel.transformers.functional import liger_kl_div
 
-    log_q = F.log_softmax(s.float() / temperature, dim=-1)
-    log_p = F.log_softmax(t.float() / temperature, dim=-1)
+    log_q, log_p = _log_probs(s, t, temperature)
     return liger_kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2
 
 
