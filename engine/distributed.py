@@ -37,7 +37,10 @@ def _free_port() -> int:
 def init_distributed() -> Dist:
     """Join the job's process group: the deepspeed launcher, mpirun (ranks found through mpi4py), or a
     plain ``python`` run, which becomes a world of one."""
-    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+    under_mpi = "RANK" not in os.environ and any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+    if under_mpi and "MASTER_ADDR" in os.environ:
+        _mpi_environment()  # DeepSpeed's own discovery would replace the address the user exported
+    launched = under_mpi or "RANK" in os.environ
     if not launched:
         os.environ.update(
             RANK="0",
@@ -65,8 +68,27 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
         # Ranks of one node share its cores; oversubscribed intra-op threads make every rank slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        # An explicit OMP_NUM_THREADS (the launcher's core binding, .deepspeed_env) is the user's choice.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     return Dist(rank, world, local_rank, local_world, device)
+
+
+def _mpi_environment() -> None:
+    """Ranks from mpi4py, keeping the user's MASTER_ADDR (and MASTER_PORT, else one rank 0 picks)."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this host's memory
+    port = os.environ.get("MASTER_PORT") or world.bcast(str(_free_port()) if world.Get_rank() == 0 else None)
+    os.environ.update(
+        RANK=str(world.Get_rank()),
+        WORLD_SIZE=str(world.Get_size()),
+        LOCAL_RANK=str(node.Get_rank()),
+        LOCAL_WORLD_SIZE=str(node.Get_size()),
+        MASTER_PORT=port,
+    )
+    node.Free()
 
 
 def release_shared_memory() -> None:

@@ -1,10 +1,19 @@
 """The frozen teacher: loaded once per rank, in eval mode (no dropout), without autograd, in half
-precision on GPU, and asked only for the outputs the loss terms use."""
+precision on GPU, and asked only for the outputs the loss terms use.
+
+Placement (``teacher.placement``): ``replicated`` keeps a full copy on every rank's device, right for
+BERT-size teachers; ``partitioned`` hands it to ZeRO-3 as an inference-only DeepSpeed engine (no
+optimiser), so each rank holds 1/world of it and layers are all-gathered as the forward reaches them;
+``offload`` keeps those shards in CPU memory and fetches them to the device layer by layer. Under ZeRO-3
+every teacher forward is a sequence of collectives: every rank must run the same forwards in the same
+order (the trainer's step and its evaluation keep batch counts equal across ranks for this reason).
+"""
 
 from __future__ import annotations
 
 import logging
 
+import deepspeed
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
@@ -56,4 +65,39 @@ def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn
         mlm_head(model)  # fails now, not mid-step, for a model type without a head adapter
     model.eval()
     model.requires_grad_(False)
-    return model.to(device)
+    # A partitioned teacher is loaded whole into host memory and only sharded onto devices by ZeRO-3.
+    return model.to(device) if recipe.teacher.placement == "replicated" else model
+
+
+def place_teacher(model: torch.nn.Module, placement: str, micro_batch: int):
+    """Return ``(module, engine)``: the module to call (hooked by ZeRO-3 unless replicated) and the
+    DeepSpeed engine that owns it (None when replicated). Every rank must call this at the same point."""
+    if placement == "replicated":
+        return model, None
+    dtype = next(model.parameters()).dtype
+    # Release each layer's gathered weights right after its forward. DeepSpeed's default reuse distance
+    # (1e9 parameters) keeps whatever is used again "soon", and the teacher's next forward reuses
+    # everything: the gathered copies would stay and the partitioned teacher would cost as much memory as
+    # a replicated one (measured: it did).
+    zero = {"stage": 3, "stage3_max_reuse_distance": 0}
+    if placement == "offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,  # required by the config schema; no training happens
+        "zero_optimization": zero,
+        "fp16": {"enabled": dtype == torch.float16},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)  # no optimizer: ZeRO-3 inference
+    engine.eval()
+    return engine.module, engine
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of teacher parameters this rank holds now: the full tensors, or its ZeRO-3 shards plus
+    whatever is still gathered (a released ZeRO-3 parameter's ``data`` is empty)."""
+    return sum(
+        (p.data.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0)) * p.element_size()
+        for p in model.parameters()
+    )

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import resource
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,7 +28,7 @@ from biodistill.engine.losses import DistillationModel, build_terms
 from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size
 from biodistill.engine.prepare import recipe_tokenizer
 from biodistill.engine.students import build_student, load_config, student_config
-from biodistill.engine.teacher import load_teacher
+from biodistill.engine.teacher import load_teacher, place_teacher, resident_bytes
 
 log = logging.getLogger("biodistill")
 
@@ -48,6 +51,7 @@ class Trainer:
         self.recipe, self.resume = recipe, resume
         self.dist = init_distributed()
         self.out = Path(recipe.train.output_dir)
+        self.resume_point = self._find_checkpoint() if resume is not None else None
         seed_everything(recipe.train.seed)  # the same on every rank: random inits must agree before ZeRO
         self._build_models()
         self._build_engine()
@@ -70,14 +74,26 @@ class Trainer:
         )
         self.tokenizer = recipe_tokenizer(r)
         self.student = build_student(r, student_needs, self.teacher)
+        self.teacher_engine = None
         if not r.needs_teacher():
             self.teacher = None  # only used to initialise the student
+        else:  # after the student copied its layers from the whole teacher
+            self.teacher, self.teacher_engine = place_teacher(
+                self.teacher, r.teacher.placement, r.train.micro_batch_size
+            )
         terms = build_terms(r.losses, self.student.config, self.teacher.config if self.teacher else None, r.source)
         self.model = DistillationModel(self.student, terms, [t.weight for t in r.losses.terms])
 
     def _build_engine(self) -> None:
         r = self.recipe
         ds_config = deepspeed_config(r, self.dist.world)
+        if self.resume_point is not None:
+            tag, job = self.resume_point
+            directory = str(self.out / "checkpoints")
+            if checkpoint.needs_universal(directory, tag, job, self.dist.world):
+                # Written by another world size: re-shard the optimizer states through DeepSpeed's universal format.
+                self.resume_point = checkpoint.to_universal(directory, tag), job
+                ds_config.setdefault("checkpoint", {})["load_universal"] = True
         optimizer = scheduler = None
         if "optimizer" not in ds_config:
             optimizer = torch.optim.AdamW(
@@ -115,6 +131,10 @@ class Trainer:
             self.tokenizer, r.data.mlm_probability, r.data.seed, r.losses.logit_rows, r.data.whole_word_masking
         )
         self.stream, self.stream_state = None, None
+        self.ledger = None
+        if r.train.sample_log:
+            (self.out / "samples").mkdir(parents=True, exist_ok=True)
+            self.ledger = open(self.out / "samples" / f"rank{d.rank}.jsonl", "a", encoding="utf-8")
         if r.data.streaming:
             self.stream = streaming.DocumentStream(r.data, self.tokenizer, r.source, d.rank, d.world)
             self.heldout = streaming.heldout_stream_batches(
@@ -148,6 +168,7 @@ class Trainer:
             self.dist.world,
             self.recipe.data.seed,
             start=self.consumed,
+            global_batch=self.micro_batch * self.grad_accum * self.dist.world,
         )
         return iter(data.train_loader(self.train_split, self.collator, sampler))
 
@@ -175,8 +196,11 @@ class Trainer:
     def train_step(self, batches) -> torch.Tensor:
         """One optimiser step over ``grad_accum`` micro-batches; returns [loss, *terms] summed over them."""
         totals = torch.zeros(len(self.model.terms) + 2)
-        for _ in range(self.grad_accum):
-            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(batches).items()}
+        for micro in range(self.grad_accum):
+            batch = next(batches)
+            if self.ledger is not None:
+                self._record(batch, micro)
+            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
             teacher = self.teacher_outputs(batch)
             loss, values, _ = self.engine(batch, teacher)
             self.engine.backward(loss)
@@ -189,7 +213,7 @@ class Trainer:
 
     def fit(self) -> dict:
         r, d = self.recipe, self.dist
-        if self.resume is not None:
+        if self.resume_point is not None:
             self._load()
         before = self.evaluate()
         self._report_eval("before", before)
@@ -198,8 +222,11 @@ class Trainer:
         bar = tqdm(
             total=r.train.max_steps, initial=self.step, disable=not d.is_main, desc="distilling", dynamic_ncols=True
         )
+        step_seconds = []
         while self.step < r.train.max_steps:
+            started = time.perf_counter()
             window += self.train_step(batches)
+            step_seconds.append(time.perf_counter() - started)
             self.step += 1
             bar.update(1)
             if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
@@ -224,7 +251,9 @@ class Trainer:
                 "grad_accum": self.grad_accum,
                 "zero_stage": self.engine.zero_optimization_stage(),
                 "dtype": str(self.input_dtype).removeprefix("torch."),
+                "teacher_placement": r.teacher.placement if self.teacher is not None else None,
             },
+            "ranks": self._resources(step_seconds),
         }
         if r.train.export:
             summary["export"] = self.export()
@@ -232,6 +261,35 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             tqdm.write(format_report(before, after))
         return summary
+
+    def _record(self, batch: dict, micro: int) -> None:
+        """One ledger line per micro-batch: which sequences (epoch, index) this rank trained on."""
+        pairs = zip(batch["sample_epochs"].tolist(), batch["sample_ids"].tolist())
+        line = {"step": self.step + 1, "micro": micro, "samples": [[e, i] for e, i in pairs]}
+        self.ledger.write(json.dumps(line) + "\n")
+
+    def _resources(self, step_seconds: list[float]) -> list[dict]:
+        """Per rank: peak memory, teacher parameter bytes held, step time (median, after the first step)."""
+        timed = sorted(step_seconds[1:] or step_seconds)
+        mine = {
+            "rank": self.dist.rank,
+            "local_rank": self.dist.local_rank,
+            "host": socket.gethostname(),
+            "threads": torch.get_num_threads(),
+            "student_sha256": checkpoint.weights_digest(self.engine, self.student),
+            "rss_mib": _rss_mib(),  # now, after training: what the job holds in its steady state
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+            "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            "teacher_param_mib": resident_bytes(self.teacher) / 2**20 if self.teacher is not None else 0.0,
+            "step_seconds": timed[len(timed) // 2] if timed else None,
+        }
+        ranks = [None] * self.dist.world
+        dist.all_gather_object(ranks, mine)
+        digests = {r["student_sha256"] for r in ranks}
+        if len(digests) > 1:  # a replica that drifted (a rank-dependent bug, a flaky device) spoils the export
+            groups = {d: [r["rank"] for r in ranks if r["student_sha256"] == d] for d in digests}
+            raise RuntimeError(f"student weights differ across ranks after step {self.step}: {list(groups.values())}")
+        return ranks
 
     # -------------------------------------------------------------------------------- evaluation
 
@@ -307,29 +365,53 @@ class Trainer:
             self.engine, str(self.out / "checkpoints"), self.step, self.consumed, self.recipe.to_dict(), stream
         )
 
-    def _load(self) -> None:
+    def _find_checkpoint(self) -> Optional[tuple[str, dict]]:
+        """The checkpoint ``--resume`` names (or the latest), checked before anything is built."""
         directory = self.out / "checkpoints"
-        tag = self.resume or None
         try:
-            client = checkpoint.load(self.engine, str(directory), tag)
+            found = checkpoint.find(str(directory), self.resume or None)
         except FileNotFoundError as e:
             raise ConfigError("--resume", "", str(e)) from None
-        if client is None:
+        if found is None:
             if self.dist.is_main:
                 tqdm.write(f"[biodistill] --resume: no checkpoint in {directory}; starting from step 0")
-            return
-        self.step, self.consumed = client["step"], client["consumed_micro_batches"]
+            return None
+        tag, job = found
+        if self.recipe.data.streaming and job["world_size"] != self.dist.world:
+            raise ConfigError(
+                "--resume", "data.streaming",
+                f"{directory / tag} was written by {job['world_size']} ranks; a stream's per-rank position "
+                f"resumes only on the same world size, not {self.dist.world} (prepare a cache to change it)",
+            )  # fmt: skip
+        return found
+
+    def _load(self) -> None:
+        directory = self.out / "checkpoints"
+        tag, job = self.resume_point
+        global_batch = self.micro_batch * self.grad_accum * self.dist.world
+        written = job["micro_batch_size"] * job["grad_accum"] * job["world_size"]
+        if global_batch != written:
+            raise ConfigError(
+                "--resume", "train.global_batch_size",
+                f"{directory / tag} was written with a global batch of {written} sequences "
+                f"({job['micro_batch_size']} x {job['grad_accum']} accumulation x {job['world_size']} ranks); this job's "
+                f"is {global_batch}: set train.global_batch_size {written} so no sequence is skipped or repeated",
+            )  # fmt: skip
+        client = checkpoint.load(self.engine, str(directory), tag)
+        self.step = job["step"]
+        # The position is kept in sequences: on another world size it is another count of micro-batches.
+        self.consumed = job["consumed_samples"] // (self.micro_batch * self.dist.world)
         if self.stream is not None:
             states = client.get("data") or [None]
-            if len(states) != self.dist.world or states[self.dist.rank] is None:
+            if states[self.dist.rank] is None:
                 raise ConfigError(
                     "--resume", "data.streaming",
-                    f"the checkpoint in {directory} has no stream position for rank {self.dist.rank} of "
-                    f"{self.dist.world}: a stream resumes on the same world size, from a streaming job",
+                    f"{directory / tag} has no stream position for rank {self.dist.rank}: it was not written by a streaming job",
                 )  # fmt: skip
             self.stream_state = states[self.dist.rank]
         if self.dist.is_main:
-            tqdm.write(f"[biodistill] resumed from {directory} at step {self.step}")
+            moved = f" (written by {job['world_size']} ranks)" if job["world_size"] != self.dist.world else ""
+            tqdm.write(f"[biodistill] resumed from {directory / tag} at step {self.step}{moved}")
 
     def export(self) -> Optional[str]:
         """Export the student (without the loss terms' projections) and check the files reload exactly."""
@@ -351,10 +433,17 @@ class Trainer:
         return str(path) if path else None
 
     def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
             release_shared_memory()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def format_report(before: dict[str, float], after: dict[str, float]) -> str:

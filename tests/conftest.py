@@ -47,7 +47,7 @@ def minilm_dir() -> Path:
     return resolve_path(MINILM)
 
 
-def make_bert(directory: Path, *, layers=4, hidden=64, heads=4, mlm_head=True, seed=0) -> Path:
+def make_bert(directory: Path, *, layers=4, hidden=64, heads=4, mlm_head=True, seed=0, dropout=0.1) -> Path:
     """A small random BERT with the real MiniLM (uncased WordPiece) tokenizer, saved as a HF directory."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
@@ -59,6 +59,8 @@ def make_bert(directory: Path, *, layers=4, hidden=64, heads=4, mlm_head=True, s
         num_attention_heads=heads,
         intermediate_size=2 * hidden,
         max_position_embeddings=128,
+        hidden_dropout_prob=dropout,  # 0: a student copied from it computes the same on any world size
+        attention_probs_dropout_prob=dropout,
     )
     model = (BertForMaskedLM if mlm_head else BertModel)(config)
     model.save_pretrained(directory)

@@ -46,6 +46,8 @@ def test_negative_number_override_is_a_value():
         (["--data.train_files", "[/nonexistent/*.jsonl]"], "data.train_files[0]", "no file matches"),
         (["--train.global_batch_size", "16", "--train.grad_accum", "2"], "train.global_batch_size", "not both"),
         (["--train.max_steps"], "train.max_steps", "missing value"),
+        (["--teacher.placement", "sharded"], "teacher.placement", "must be one of 'replicated', 'partitioned'"),
+        (["--teacher.placement", "offload"], "teacher.placement", "'offload' places a teacher that no loss term uses"),
     ],
 )
 def test_bad_overrides_name_the_flag_and_key(recipe_file, overrides, key, fragment):

@@ -102,8 +102,33 @@ def test_sampler_shards_cover_each_epoch_once_and_resume_exactly():
     first = [next(it) for _ in range(per_epoch + 3)]
     resumed = iter(ShardedBatchSampler(n, mb, 1, world, seed=5, start=5))
     assert [next(resumed) for _ in range(per_epoch - 2)] == first[5:]
-    with pytest.raises(ConfigError, match="fewer than one global micro-batch"):
+    with pytest.raises(ConfigError, match=r"5 sequences, fewer than one global batch \(8 = 4 x 2 ranks"):
         ShardedBatchSampler(5, 4, 0, 2, seed=0)
+
+
+def step_samples(n: int, micro: int, world: int, accum: int, step: int, start: int = 0) -> list[tuple[int, int]]:
+    """The sequences every rank reads in optimiser step ``step`` (counted from a sampler started at ``start``)."""
+    samplers = [
+        ShardedBatchSampler(n, micro, r, world, seed=9, start=start, global_batch=micro * world * accum)
+        for r in range(world)
+    ]
+    return sorted(x for s in samplers for k in range(accum) for x in s.batch(start + step * accum + k))
+
+
+def test_sample_order_is_the_same_on_any_world_size_with_the_same_global_batch():
+    """4 ranks, 2 ranks x 2 accumulation, 1 rank x 4: each optimiser step reads the same 16 sequences,
+    epochs end on the same step, and a 4-rank position resumed on 2 ranks reads what 4 would have."""
+    n = 1000  # 62 steps of 16 per epoch; 8 left out each epoch
+    for step in (0, 1, 61, 62, 63, 200):
+        four = step_samples(n, 4, 4, 1, step)
+        assert four == step_samples(n, 4, 2, 2, step) == step_samples(n, 4, 1, 4, step), step
+        assert len(set(four)) == 16 and {e for e, _ in four} == {step // 62}
+    epoch0 = [i for step in range(62) for _, i in step_samples(n, 4, 2, 2, step)]
+    assert len(epoch0) == len(set(epoch0)) == 62 * 16
+    consumed_samples = 10 * 16  # 10 steps of the 4-rank job
+    assert step_samples(n, 4, 2, 2, 0, start=consumed_samples // (4 * 2)) == step_samples(n, 4, 4, 1, 10)
+    with pytest.raises(ValueError, match="global batch 12 is not a multiple of 4 x 2 ranks"):
+        ShardedBatchSampler(n, 4, 0, 2, seed=0, global_batch=12)
 
 
 def test_summary_is_json(tmp_path, tokenizer, tiny_corpus):

@@ -44,7 +44,14 @@ def test_logit_family_trains_and_exports(logit_run):
     for name in ("train_mlm", "train_logit_kl"):  # every term logged on its own
         assert len(csv_metric(run, name)) == 8
     s = summary(run)
-    assert s["job"] == {"world_size": 2, "micro_batch_size": 4, "grad_accum": 1, "zero_stage": 2, "dtype": "float32"}
+    assert s["job"] == {
+        "world_size": 2,
+        "micro_batch_size": 4,
+        "grad_accum": 1,
+        "zero_stage": 2,
+        "dtype": "float32",
+        "teacher_placement": "replicated",
+    }
     # The student starts as a copy of the (random) teacher, so KL starts near 0 and the MLM term leads.
     assert s["after"]["student/mlm_loss"] < s["before"]["student/mlm_loss"]
     assert 0 <= s["after"]["agreement/top1"] <= 1
@@ -133,7 +140,10 @@ def test_attention_family_with_user_deepspeed_json(tmp_path, tiny_corpus):
     assert proc.returncode == 0
     run = tmp_path / "run"
     s = summary(run)
-    assert s["job"] == {"world_size": 2, "micro_batch_size": 4, "grad_accum": 2, "zero_stage": 1, "dtype": "bfloat16"}
+    assert s["job"] == {
+        "world_size": 2, "micro_batch_size": 4, "grad_accum": 2, "zero_stage": 1, "dtype": "bfloat16",
+        "teacher_placement": "replicated",
+    }  # fmt: skip
     assert falls(csv_metric(run, "train_loss")) and falls(csv_metric(run, "train_hidden_cosine"))
     assert len(csv_metric(run, "train_attention_kl")) == len(csv_metric(run, "train_attention_mse")) == 8
     assert not (run / "monitor" / "tensorboard").exists()  # the user's JSON enabled only CSV
