@@ -240,3 +240,41 @@ def test_wrappers_refuse_bad_settings(tmp_path, script, env, message):
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode != 0 and message in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------- Slurm
+
+SRUN = """#!/usr/bin/env bash
+# Stands in for Slurm's srun on this one machine: the task once per node, concurrently, SLURM_NODEID set.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+def test_slurm_template_starts_one_launcher_per_node(tmp_path, still_teacher, small_corpus):
+    """launch/slurm.sbatch inside a 2-node "allocation": it writes the hostfile from the node list and
+    starts launch/node.sh per node (Slurm's srun and scontrol stand-ins start processes locally)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(SRUN)
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "gpu-node-7\\ngpu-node-8\\n"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    raw = recipe_dict(still_teacher, small_corpus, tmp_path, TERMS, data={"max_length": 32})
+    raw["train"].update(max_steps=3, micro_batch_size=2, export=False)
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[7-8]", "SLURM_NNODES": "2",
+        "SLURM_GPUS_ON_NODE": "h200:2", "SLURM_SUBMIT_DIR": str(REPO),
+        "HOSTFILE": str(tmp_path / "hostfile"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    }  # fmt: skip
+    run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--config", str(recipe)], tmp_path, env)
+    assert (tmp_path / "hostfile").read_text() == "gpu-node-7 slots=2\ngpu-node-8 slots=2\n"
+    s = summary(tmp_path / "run")
+    assert s["job"]["world_size"] == 4 and [r["local_rank"] for r in s["ranks"]] == [0, 1, 0, 1]
+    assert same_weights_everywhere(s)
