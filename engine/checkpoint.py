@@ -123,25 +123,33 @@ def to_universal(directory: str, tag: str) -> str:
     wait) and return the converted tag. The conversion appears whole or not at all."""
     out_tag = f"{tag}_universal"
     root = Path(directory)
+    failure = [None]
     if dist.get_rank() == 0 and not (root / out_tag / META).is_file():
-        tmp = root / f".{out_tag}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # A separate process: the converter forks workers, which a rank with a live device context must not.
-        workers = str(max(1, min(8, os.cpu_count() or 1)))
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag)]
-        cmd += ["--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", "2"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        (root / "latest_universal").unlink(missing_ok=True)  # it names the temporary folder; `latest` stays ours
-        if proc.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(
-                f"converting checkpoint {root / tag} to DeepSpeed's universal format failed:\n{proc.stderr[-3000:]}"
-            )
-        shutil.copy(root / tag / META, tmp / META)  # copied last: its presence marks a finished conversion
-        shutil.rmtree(root / out_tag, ignore_errors=True)
-        os.rename(tmp, root / out_tag)
-    dist.barrier()
+        try:
+            _convert_to_universal(root, tag, out_tag)
+        except Exception as e:  # every rank must hear of it, or the others would wait at the next collective forever
+            failure[0] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise RuntimeError(f"converting checkpoint {root / tag} to DeepSpeed's universal format failed: {failure[0]}")
     return out_tag
+
+
+def _convert_to_universal(root: Path, tag: str, out_tag: str) -> None:
+    tmp = root / f".{out_tag}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # A separate process: the converter forks workers, which a rank with a live device context must not.
+    workers = str(max(1, min(8, os.cpu_count() or 1)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag)]
+    cmd += ["--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (root / "latest_universal").unlink(missing_ok=True)  # it names the temporary folder; `latest` stays ours
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(proc.stderr[-3000:])
+    shutil.copy(root / tag / META, tmp / META)  # copied last: its presence marks a finished conversion
+    shutil.rmtree(root / out_tag, ignore_errors=True)
+    os.rename(tmp, root / out_tag)
 
 
 def load(engine, directory: str, tag: str) -> dict:

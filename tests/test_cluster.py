@@ -278,3 +278,20 @@ def test_slurm_template_starts_one_launcher_per_node(tmp_path, still_teacher, sm
     s = summary(tmp_path / "run")
     assert s["job"]["world_size"] == 4 and [r["local_rank"] for r in s["ranks"]] == [0, 1, 0, 1]
     assert same_weights_everywhere(s)
+
+
+def test_a_failed_conversion_stops_every_rank_with_the_reason(two_nodes):
+    """A damaged shard cannot be re-sharded: rank 0's conversion fails, every rank exits (none waits
+    forever at a barrier), the message names the checkpoint, and no partial conversion is left."""
+    tmp, recipe = two_nodes
+    broken = tmp / "broken"
+    shutil.copytree(tmp / "run" / "checkpoints", broken / "checkpoints")
+    shard = broken / "checkpoints" / "step20" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    proc = launch(recipe, "--resume", "step20", "--train.output_dir", str(broken), timeout=240)
+    assert proc.returncode != 0
+    assert (
+        f"converting checkpoint {broken / 'checkpoints' / 'step20'} to DeepSpeed's universal format failed"
+        in proc.stderr
+    )
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir() if p.is_dir()) == ["step20", "step40", "step48"]
