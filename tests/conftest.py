@@ -3,6 +3,7 @@ gloo, ``gpu`` tests skipped without CUDA."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -120,6 +121,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def shm_released():
+    """Remove the DeepSpeed /dev/shm buffers that jobs started inside leave behind (a job that fails never
+    reaches the trainer's own release); yields the list their names are put in."""
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    leaked: list[str] = []
+    try:
+        yield leaked
+    finally:
+        for path in sorted(set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before):
+            path.unlink(missing_ok=True)
+            leaked.append(path.name)
+
+
 def launch(
     recipe: Path, *extra: str, ranks: int = 2, module: bool = False, timeout: int = 600
 ) -> subprocess.CompletedProcess:
@@ -139,15 +154,9 @@ def launch(
         *extra,
     ]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
-    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    try:
+    with shm_released() as leaked:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    finally:
-        # A job that fails never reaches the trainer's own release of DeepSpeed's /dev/shm buffers.
-        leaked = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before
-        for path in leaked:
-            path.unlink(missing_ok=True)
-    proc.leaked_shm = sorted(p.name for p in leaked)
+    proc.leaked_shm = leaked
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
     return proc

@@ -14,7 +14,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SAMPLE, csv_metric, free_port, launch, make_bert, recipe_dict, summary, write_recipe
+from conftest import (
+    REPO,
+    SAMPLE,
+    csv_metric,
+    free_port,
+    launch,
+    make_bert,
+    recipe_dict,
+    shm_released,
+    summary,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.multirank
 
@@ -38,10 +49,8 @@ def small_corpus(tmp_path_factory) -> Path:
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
-        path.unlink(missing_ok=True)
+    with shm_released():
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -128,16 +137,19 @@ def two_nodes(tmp_path_factory, still_teacher, small_corpus):
     recipe = write_recipe(tmp / "r.yaml", raw)
     env = {**os.environ, "HOSTFILE": str(tmp / "hostfile"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     cmd = [str(REPO / "launch" / "node.sh"), "--exclude", "node-a:2@node-b:0", "--", "--config", str(recipe)]
-    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    nodes = [
-        subprocess.Popen(
-            cmd, cwd=tmp, env={**env, "NODE_RANK": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )  # fmt: skip
-        for i in (1, 0)
-    ]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
-        path.unlink(missing_ok=True)
+    with shm_released():
+        nodes = [
+            subprocess.Popen(
+                cmd,
+                cwd=tmp,
+                env={**env, "NODE_RANK": str(i)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            for i in (1, 0)
+        ]
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, out in zip(nodes, outputs):
         assert node.returncode == 0, out[-5000:]
     return tmp, recipe
