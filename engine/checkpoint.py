@@ -24,6 +24,9 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
+from biodistill.engine import faults
+from biodistill.engine.health import JobError
+
 log = logging.getLogger(__name__)
 
 
@@ -45,17 +48,36 @@ def set_rng_state(state: dict) -> None:
 META = "biodistill.json"  # the job shape and data position, beside DeepSpeed's files in every tag
 
 
-def save(engine, directory: str, step: int, consumed: int, recipe: dict, data_state: Optional[dict] = None) -> str:
-    """Save at ``directory/step{step}``, then write its ``biodistill.json`` and move ``latest`` to it.
+class CheckpointError(JobError):
+    """A save that could not be completed; the message says which checkpoint is still the latest."""
 
-    Every rank's RNG state (and stream position, when streaming) goes into the client state: DeepSpeed
-    writes it only from the ranks that write model states, so we gather them first. ``latest`` moves
-    last and by rename, so it only ever names a checkpoint whose files are all written.
+
+def save(
+    engine, directory: str, step: int, consumed: int, recipe: dict, extra: Optional[dict] = None,
+    data_state: Optional[dict] = None, keep: int = 0,
+) -> str:  # fmt: skip
+    """Save at ``directory/step{step}``, whole or not at all, then move ``latest`` to it.
+
+    DeepSpeed writes into ``.step{step}.tmp``; once every rank's files are there, rank 0 adds
+    ``biodistill.json``, renames the folder to ``step{step}`` and only then replaces ``latest``. A job
+    killed at any moment leaves ``latest`` naming a complete checkpoint; what an interrupted save left
+    is a dot-folder the next save removes. Every rank's RNG state (and stream position, when
+    streaming) goes into the client state: DeepSpeed writes it only from the ranks that write model
+    states, so we gather them first. ``extra`` is more client state (the trainer's counters).
+    ``keep`` > 0 deletes all but the newest ``keep`` complete checkpoints, after ``latest`` moved.
+    A failed write (disk full, I/O error) raises CheckpointError on every rank and leaves the
+    previous checkpoint and ``latest`` as they were.
     """
+    root, tag, rank = Path(directory), f"step{step}", dist.get_rank()
+    tmp = f".{tag}.tmp"
+    faults.hit("save.begin", step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step*.tmp"):  # left by a save that was killed
+            shutil.rmtree(stale)
     world = dist.get_world_size()
     states = [None] * world
-    dist.all_gather_object(states, (rng_state(), data_state))
-    tag = f"step{step}"
+    dist.all_gather_object(states, (rng_state(), data_state))  # also orders the clean-up before the writes
     micro = engine.train_micro_batch_size_per_gpu()
     job = {
         "step": step,
@@ -72,26 +94,126 @@ def save(engine, directory: str, step: int, consumed: int, recipe: dict, data_st
         "rng": [rng for rng, _ in states],
         "data": [data for _, data in states],
         "recipe": recipe,
+        **(extra or {}),
         # What ds_to_universal requires to re-shard the optimizer states for another world size.
         UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
     }
-    engine.save_checkpoint(directory, tag=tag, client_state=client, save_latest=False)
-    dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
-    if dist.get_rank() == 0:
-        write_atomic(Path(directory) / tag / META, json.dumps(job, indent=2))
-        write_atomic(Path(directory) / "latest", tag)
-    dist.barrier()
+    failure, written = [None], False
+    try:
+        with _file_failpoints(engine, step):
+            engine.save_checkpoint(directory, tag=tmp, client_state=client, save_latest=False)
+        written = True
+        faults.hit("save.shards", step)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        failure[0] = f"rank {rank}: {type(e).__name__}: {_first_line(e)} ({_free(root)})"
+        if not written:  # DeepSpeed's file writes follow its collectives; its save ends with a barrier
+            dist.barrier()  # the ranks whose writes succeeded are waiting in it
+    failures = [None] * world
+    dist.all_gather_object(failures, failure[0])  # every rank's files are on disk, or we all know why not
+    failure = [next((f for f in failures if f), None)]
+    if rank == 0:
+        if failure[0] is None:
+            try:
+                _publish(root, tmp, tag, job, step, keep)
+            except OSError as e:
+                failure[0] = f"rank 0: {type(e).__name__}: {e}"
+        if failure[0] is not None:
+            shutil.rmtree(root / tmp, ignore_errors=True)  # frees the space; `latest` never named it
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise CheckpointError(f"saving checkpoint {root / tag} failed: {failure[0]}; {_previous(root)}")
     return tag
+
+
+def _publish(root: Path, tmp: str, tag: str, job: dict, step: int, keep: int) -> None:
+    """Rank 0: declare ``tmp`` complete, rename it to ``tag``, move ``latest``, prune old tags."""
+    write_atomic(root / tmp / META, json.dumps(job, indent=2))
+    faults.hit("save.meta", step)
+    if (root / tag).exists():  # saved before by a run killed before `latest` moved to it
+        _remove(root, tag)
+    os.rename(root / tmp, root / tag)
+    _fsync_dir(root)
+    faults.hit("save.renamed", step)
+    write_atomic(root / "latest", tag)
+    faults.hit("save.latest", step)
+    if keep > 0:
+        for old in complete_tags(root)[:-keep]:
+            faults.hit("save.prune", step)
+            _remove(root, old)
+
+
+def _remove(root: Path, tag: str) -> None:
+    # Renamed out of sight first: a half-deleted folder must never look like a checkpoint.
+    doomed = root / f".{tag}.old"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(root / tag, doomed)
+    shutil.rmtree(doomed)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+
+
+def _free(root: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free on the filesystem of {root}"
+    except OSError:
+        return f"{root} unreadable"
+
+
+def _previous(root: Path) -> str:
+    try:
+        found = find(str(root))
+    except FileNotFoundError:
+        found = None
+    return f"the latest complete checkpoint is still {root / found[0]}" if found else "no earlier checkpoint exists"
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete ``step*`` checkpoints under ``root``, oldest first."""
+    tags = [p.name for p in root.glob("step*") if p.name[4:].isdigit() and (p / META).is_file()]
+    return sorted(tags, key=lambda t: int(t[4:]))
+
+
+@contextlib.contextmanager
+def _file_failpoints(engine, step: int):
+    """Pass the ``save.file`` failpoint after each file DeepSpeed's checkpoint engine writes."""
+    ce = engine.checkpoint_engine
+    original = ce.save
+
+    def save_then_hit(*args, **kwargs):
+        result = original(*args, **kwargs)
+        faults.hit("save.file", step)
+        return result
+
+    ce.save = save_then_hit
+    try:
+        yield
+    finally:
+        ce.save = original
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable: a power cut after it must not undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` whole: written beside it, flushed, renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def find(directory: str, tag: Optional[str] = None) -> Optional[tuple[str, dict]]:

@@ -58,10 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             from biodistill.engine.smoke import smoke as transform
         recipe = load_recipe(args.config, overrides, deepspeed_config=args.deepspeed_config or "", transform=transform)
+        from biodistill.engine import faults
+        from biodistill.engine.health import JobError
         from biodistill.engine.trainer import Trainer
 
+        faults.arm()
         trainer = Trainer(recipe, resume=args.resume)
-        trainer.fit()
+        try:
+            trainer.fit()
+        except ConfigError:
+            raise
+        except Exception as e:
+            if trainer.health is None:
+                raise
+            # Names the rank at fault, ends every rank of the job, exits non-zero; never returns.
+            trainer.health.fail(e, quiet=isinstance(e, JobError) and trainer.dist.rank != 0)
         trainer.close()
     except ConfigError as e:
         print(f"biodistill: error: {e}", file=sys.stderr, flush=True)

@@ -128,6 +128,11 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     export: bool = True  # write the student as a Hugging Face directory at the end
     sample_log: bool = False  # each rank writes the sample ids of every micro-batch to output_dir/samples/
+    keep_checkpoints: int = 0  # 0: keep every checkpoint; n: delete all but the newest n after each save
+    # Seconds a collective may wait for a peer, and a rank may go without progress, before the job is ended
+    # naming the rank at fault. Covers the data-cache build's barrier too: raise it for a first run on a big corpus.
+    collective_timeout: float = 1800.0
+    max_consecutive_skips: int = 10  # micro-batches with a non-finite loss or teacher output skipped in a row: stop
 
 
 @dataclass
@@ -393,6 +398,13 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         check(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
     check(t.log_every >= 1, "train.log_every", "must be >= 1")
     check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+    check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
+    check(t.collective_timeout > 0, "train.collective_timeout", f"must be > 0 seconds, got {t.collective_timeout}")
+    check(
+        t.max_consecutive_skips >= 1,
+        "train.max_consecutive_skips",
+        f"must be >= 1, got {t.max_consecutive_skips}",
+    )
 
     o = r.optim
     check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

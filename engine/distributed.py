@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -34,9 +35,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> Dist:
+def init_distributed(timeout: float = 1800.0) -> Dist:
     """Join the job's process group: the deepspeed launcher, mpirun (ranks found through mpi4py), or a
-    plain ``python`` run, which becomes a world of one."""
+    plain ``python`` run, which becomes a world of one. A collective that waits more than ``timeout``
+    seconds for a peer raises instead of hanging."""
     under_mpi = "RANK" not in os.environ and any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK"))
     if under_mpi and "MASTER_ADDR" in os.environ:
         _mpi_environment()  # DeepSpeed's own discovery would replace the address the user exported
@@ -58,7 +60,7 @@ def init_distributed() -> Dist:
             import oneccl_bindings_for_pytorch  # noqa: F401
         except ImportError:
             backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, timeout=timedelta(seconds=timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)))

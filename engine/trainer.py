@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from biodistill.engine import checkpoint, data, streaming
+from biodistill.engine import checkpoint, data, faults, streaming
 from biodistill.engine.config import ConfigError, Recipe
 from biodistill.engine.distributed import deepspeed_config, init_distributed, release_shared_memory
+from biodistill.engine.health import Health, JobError
 from biodistill.engine.losses import DistillationModel, build_terms
 from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size
 from biodistill.engine.prepare import recipe_tokenizer
@@ -49,15 +50,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class Trainer:
     def __init__(self, recipe: Recipe, resume: Optional[str] = None):
         self.recipe, self.resume = recipe, resume
-        self.dist = init_distributed()
+        self.dist = init_distributed(recipe.train.collective_timeout)
         self.out = Path(recipe.train.output_dir)
-        self.resume_point = self._find_checkpoint() if resume is not None else None
+        self.resume_point = self._find_checkpoint()
         seed_everything(recipe.train.seed)  # the same on every rank: random inits must agree before ZeRO
         self._build_models()
         self._build_engine()
         self._build_data()
         seed_everything(recipe.train.seed + self.dist.rank)  # dropout differs across ranks, as it should
-        self.step, self.consumed = 0, 0
+        self.step, self.consumed, self.saved_step = 0, 0, None
+        # Micro-batches skipped for a non-finite student loss or teacher output: in all, and in a row.
+        self.skips, self.skips_in_a_row = {"nonfinite_loss": 0, "teacher_nonfinite": 0}, 0
+        self.health: Optional[Health] = None
+        self.metrics_log = None
 
     # ------------------------------------------------------------------------------------ building
 
@@ -186,33 +191,87 @@ class Trainer:
                 batch["rows"],
             )
         # Loss terms read teacher tensors in fp32; the fp16 teacher's outputs are upcast once here.
-        return Outputs(
+        out = Outputs(
             *(
                 None if x is None else tuple(t.float() for t in x) if isinstance(x, tuple) else x.float()
                 for x in (out.hidden_states, out.attentions, out.logits)
             )
         )
+        if out.logits is not None:
+            out.logits = faults.poison("teacher.outputs", out.logits, self.step + 1)
+        return out
 
     def train_step(self, batches) -> torch.Tensor:
-        """One optimiser step over ``grad_accum`` micro-batches; returns [loss, *terms] summed over them."""
+        """One optimiser step over ``grad_accum`` micro-batches; returns [loss, *terms, tokens] summed over
+        them. A micro-batch whose loss or teacher outputs are not finite on any rank is skipped by every
+        rank (no backward) and another is drawn in its place."""
         totals = torch.zeros(len(self.model.terms) + 2)
-        for micro in range(self.grad_accum):
+        micro, step = 0, self.step + 1
+        while micro < self.grad_accum:
+            self.health.mark(step, f"micro-batch {micro}")
             batch = next(batches)
+            self.consumed += 1
             if self.ledger is not None:
                 self._record(batch, micro)
+            names = {k: batch[k] for k in ("sample_epochs", "sample_ids") if k in batch}
             batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
             teacher = self.teacher_outputs(batch)
             loss, values, _ = self.engine(batch, teacher)
+            loss = faults.poison("train.loss", loss, step)
+            if self._skip_nonfinite(loss, teacher, names):
+                continue
+            faults.hit("train.micro", step)
+            self.health.mark(step, f"backward {micro}")
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimiser only at the accumulation boundary
             totals += torch.cat(
                 [loss.detach().float().reshape(1), values, batch["attention_mask"].sum().reshape(1)]
             ).cpu()
-            self.consumed += 1
+            micro += 1
+        faults.hit("train.step", step)
         return totals
+
+    def _skip_nonfinite(self, loss: torch.Tensor, teacher: Outputs, names: dict) -> bool:
+        """True when any rank's loss or teacher outputs hold inf/NaN: then every rank skips the micro-batch.
+
+        Skipping must be unanimous, or the replicas' gradient reductions would no longer pair up: one tiny
+        all-reduce per micro-step, and a host-device sync (the flags decide what the host does next).
+        """
+        d, r = self.dist, self.recipe
+        flags = torch.zeros(d.world, 2, device=d.device)
+        flags[d.rank, 0] = (~torch.isfinite(loss.detach())).any().float()
+        flags[d.rank, 1] = _nonfinite(teacher).float()
+        dist.all_reduce(flags)
+        flags = flags.cpu().bool()
+        if not flags.any():
+            self.skips_in_a_row = 0
+            return False
+        kind = "teacher_nonfinite" if flags[:, 1].any() else "nonfinite_loss"
+        what = "teacher outputs (an fp16 teacher overflowing?)" if kind == "teacher_nonfinite" else "student loss"
+        self.skips[kind] += 1
+        self.skips_in_a_row += 1
+        ranks = flags.any(1).nonzero().flatten().tolist()
+        mine = _batch_name(names)
+        if flags[d.rank].any():
+            log.warning(
+                "rank %d: step %d: non-finite %s on %s; micro-batch skipped on every rank (%d in a row, %d in all)",
+                d.rank, self.step + 1, what, mine, self.skips_in_a_row, sum(self.skips.values()),
+            )  # fmt: skip
+        if self.skips_in_a_row >= r.train.max_consecutive_skips:
+            batches = [None] * d.world
+            dist.all_gather_object(batches, mine)
+            raise JobError(
+                f"step {self.step + 1}: {self.skips_in_a_row} micro-batches in a row had a non-finite {what} "
+                f"(train.max_consecutive_skips = {r.train.max_consecutive_skips}); the last on "
+                + ", ".join(f"rank {i}: {batches[i]}" for i in ranks)
+            )
+        return True
 
     def fit(self) -> dict:
         r, d = self.recipe, self.dist
+        self.health = Health(d.rank, d.world, r.train.collective_timeout).start()
+        if d.is_main:
+            self.metrics_log = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
         if self.resume_point is not None:
             self._load()
         before = self.evaluate()
@@ -228,6 +287,7 @@ class Trainer:
             window += self.train_step(batches)
             step_seconds.append(time.perf_counter() - started)
             self.step += 1
+            self.health.mark(self.step, "done")
             bar.update(1)
             if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
                 self._log(window, time.perf_counter() - window_start, bar)
@@ -254,6 +314,7 @@ class Trainer:
                 "teacher_placement": r.teacher.placement if self.teacher is not None else None,
             },
             "ranks": self._resources(step_seconds),
+            "skipped": {**self.skips, "fp16_overflow_steps": self.engine.skipped_steps},
         }
         if r.train.export:
             summary["export"] = self.export()
@@ -300,7 +361,10 @@ class Trainer:
         terms = [f"loss/{n}" for n in self.model.term_names]
         names = ["loss/total", *terms, "agreement/hidden_cosine", "agreement/top1", "student/mlm_loss"]
         sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
-        for batch in self.heldout:
+        for i, batch in enumerate(self.heldout):
+            if self.health is not None:
+                self.health.mark(self.step, f"evaluation batch {i}")
+            faults.hit("eval.batch", self.step)
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}
             teacher = self.teacher_outputs(batch, Needs(hidden_states=True))
             loss, values, student = self.engine(batch, teacher, Needs(hidden_states=True))
@@ -343,13 +407,20 @@ class Trainer:
             **dict(zip(self.model.term_names, means[1:])),
             "lr": self.engine.get_lr()[0],
             "tokens_per_s": tokens / max(seconds, 1e-9),
+            **{f"skipped/{k}": v for k, v in self.skips.items()},
+            "skipped/fp16_overflow_steps": self.engine.skipped_steps,  # DeepSpeed's loss-scale skips
         }
         self._write("train", metrics)
-        bar.set_postfix(loss=f"{means[0]:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        skipped = sum(self.skips.values())
+        shown = {"skipped": skipped} if skipped else {}
+        bar.set_postfix(loss=f"{means[0]:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", **shown, refresh=False)
 
     def _write(self, prefix: str, metrics: dict[str, float]) -> None:
         if self.engine.monitor.enabled:
             self.engine.monitor.write_events([(f"{prefix}/{k}", v, self.step) for k, v in metrics.items()])
+        if self.metrics_log is not None:  # exact values (JSON floats round-trip), one line per event
+            self.metrics_log.write(json.dumps({"step": self.step, "split": prefix, **metrics}) + "\n")
+            self.metrics_log.flush()
 
     def _report_eval(self, when: str, metrics: dict[str, float]) -> None:
         self._write(f"eval_{when}", metrics)
@@ -360,14 +431,29 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints, export
 
     def save(self) -> None:
+        if self.saved_step == self.step:  # resumed at this step and trained no further: nothing new to save
+            return
+        self.health.mark(self.step, "save")
         stream = self.batches.state() if self.stream is not None else None
+        counters = {"skips": self.skips, "skips_in_a_row": self.skips_in_a_row}
         checkpoint.save(
-            self.engine, str(self.out / "checkpoints"), self.step, self.consumed, self.recipe.to_dict(), stream
-        )
+            self.engine, str(self.out / "checkpoints"), self.step, self.consumed, self.recipe.to_dict(),
+            extra=counters, data_state=stream, keep=self.recipe.train.keep_checkpoints,
+        )  # fmt: skip
+        self.saved_step = self.step
+        self.health.mark(self.step, "saved")
 
     def _find_checkpoint(self) -> Optional[tuple[str, dict]]:
         """The checkpoint ``--resume`` names (or the latest), checked before anything is built."""
         directory = self.out / "checkpoints"
+        if self.resume is None:
+            if (directory / "latest").is_file():  # a fresh start here would overwrite them, step by step
+                raise ConfigError(
+                    self.recipe.source, "train.output_dir",
+                    f"{directory} already holds checkpoints (latest: {(directory / 'latest').read_text().strip()}); "
+                    "pass --resume to continue from them, or choose another train.output_dir",
+                )  # fmt: skip
+            return None
         try:
             found = checkpoint.find(str(directory), self.resume or None)
         except FileNotFoundError as e:
@@ -398,7 +484,9 @@ class Trainer:
                 f"is {global_batch}: set train.global_batch_size {written} so no sequence is skipped or repeated",
             )  # fmt: skip
         client = checkpoint.load(self.engine, str(directory), tag)
-        self.step = job["step"]
+        self.step = self.saved_step = job["step"]
+        self.skips = dict(client.get("skips", self.skips))
+        self.skips_in_a_row = client.get("skips_in_a_row", 0)
         # The position is kept in sequences: on another world size it is another count of micro-batches.
         self.consumed = job["consumed_samples"] // (self.micro_batch * self.dist.world)
         if self.stream is not None:
@@ -415,6 +503,8 @@ class Trainer:
 
     def export(self) -> Optional[str]:
         """Export the student (without the loss terms' projections) and check the files reload exactly."""
+        self.health.mark(self.step, "export")
+        faults.hit("export.begin", self.step)
         state = checkpoint.gathered_state_dict(self.engine, self.student)
         path = None
         if self.dist.is_main:
@@ -433,12 +523,30 @@ class Trainer:
         return str(path) if path else None
 
     def close(self) -> None:
-        if self.ledger is not None:
-            self.ledger.close()
+        for f in (self.ledger, self.metrics_log):
+            if f is not None:
+                f.close()
+        if self.health is not None:
+            self.health.stop()
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
             release_shared_memory()
+
+
+def _nonfinite(outputs: Outputs) -> torch.Tensor:
+    """True (a 0-d tensor, no sync) when any of the teacher's outputs holds inf or NaN."""
+    found = torch.tensor(False)
+    for x in (outputs.hidden_states, outputs.attentions, outputs.logits):
+        for t in x if isinstance(x, tuple) else (x,) if x is not None else ():
+            found = found.to(t.device) | ~torch.isfinite(t).all()
+    return found
+
+
+def _batch_name(names: dict) -> str:
+    if "sample_ids" not in names:
+        return "a batch of the stream"
+    return f"the batch of epoch {names['sample_epochs'].tolist()[0]} sequences {names['sample_ids'].tolist()}"
 
 
 def _rss_mib() -> float:
