@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             from biodistill.engine.smoke import smoke as transform
         recipe = load_recipe(args.config, overrides, deepspeed_config=args.deepspeed_config or "", transform=transform)
-        from biodistill.engine import faults
+        from biodistill.engine import faults, preflight
         from biodistill.engine.health import JobError
         from biodistill.engine.trainer import Trainer
 
         faults.arm()
+        preflight.check(recipe, args.resume)  # before any process group, weights or compute
         trainer = Trainer(recipe, resume=args.resume)
         try:
             trainer.fit()

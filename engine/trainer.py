@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from biodistill.engine import checkpoint, data, faults, streaming
+from biodistill.engine import checkpoint, data, faults, preflight, streaming
 from biodistill.engine.config import ConfigError, Recipe
 from biodistill.engine.distributed import deepspeed_config, init_distributed, release_shared_memory
 from biodistill.engine.health import Health, JobError
@@ -446,20 +446,9 @@ class Trainer:
     def _find_checkpoint(self) -> Optional[tuple[str, dict]]:
         """The checkpoint ``--resume`` names (or the latest), checked before anything is built."""
         directory = self.out / "checkpoints"
-        if self.resume is None:
-            if (directory / "latest").is_file():  # a fresh start here would overwrite them, step by step
-                raise ConfigError(
-                    self.recipe.source, "train.output_dir",
-                    f"{directory} already holds checkpoints (latest: {(directory / 'latest').read_text().strip()}); "
-                    "pass --resume to continue from them, or choose another train.output_dir",
-                )  # fmt: skip
-            return None
-        try:
-            found = checkpoint.find(str(directory), self.resume or None)
-        except FileNotFoundError as e:
-            raise ConfigError("--resume", "", str(e)) from None
+        found = preflight.resume_point(self.recipe, self.resume)
         if found is None:
-            if self.dist.is_main:
+            if self.resume is not None and self.dist.is_main:
                 tqdm.write(f"[biodistill] --resume: no checkpoint in {directory}; starting from step 0")
             return None
         tag, job = found

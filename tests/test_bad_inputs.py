@@ -1,0 +1,393 @@
+"""A catalogue of bad inputs (configs, paths, checkpoints, tokenizers, corpora) and the exact error each
+gets, through the real command lines (``biodistill-train`` and ``biodistill-prepare``) in-process.
+
+Every one is found before any process group, weights or compute: a typo costs seconds, not a queue slot.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import minilm_dir, recipe_dict, write_recipe
+
+from biodistill.engine import cli, prepare
+from biodistill.engine.losses import LOSSES
+
+TERMS = [{"kind": "hidden_mse", "weight": 1.0, "layer_map": "last"}, {"kind": "logit_kl", "weight": 1.0}]
+
+
+@dataclass
+class Case:
+    id: str
+    error: str  # the whole message after "biodistill: error: "; {r} the recipe, {tmp}, {out}, {cwd}
+    edit: Callable[[dict, Path], None] = lambda recipe, tmp: None  # change the recipe (and the world)
+    argv: list[str] = field(default_factory=list)  # more command-line arguments
+    env: dict[str, str] = field(default_factory=dict)
+    prepare: bool = False  # run biodistill-prepare instead of the trainer
+
+
+def put(dotted: str, value) -> Callable[[dict, Path], None]:
+    def edit(recipe: dict, tmp: Path) -> None:
+        node = recipe
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value(tmp) if callable(value) else value
+
+    return edit
+
+
+def both(*edits):
+    def edit(recipe: dict, tmp: Path) -> None:
+        for e in edits:
+            e(recipe, tmp)
+
+    return edit
+
+
+def write(relative: str, text: str) -> Callable[[Path], str]:
+    """A file under the case's tmp dir, for a recipe value."""
+
+    def make(tmp: Path) -> str:
+        path = tmp / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return str(path)
+
+    return make
+
+
+def model_dir(name: str, tokenizer: bool = True, vocab_size: int = 30522, lowercase: bool = True) -> Callable:
+    """A BERT directory of the test teacher's width; without its tokenizer, with a smaller embedding, or with
+    a cased tokenizer."""
+
+    def make(tmp: Path) -> str:
+        from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+        path = tmp / name
+        config = BertConfig(
+            vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        )
+        BertForMaskedLM(config).save_pretrained(path)
+        if tokenizer:
+            AutoTokenizer.from_pretrained(minilm_dir(), do_lower_case=lowercase).save_pretrained(path)
+        return str(path)
+
+    return make
+
+
+def swapped_vocab(tmp: Path) -> str:
+    """A student checkpoint whose tokenizer gives two tokens each other's ids."""
+    import json
+    import shutil
+
+    path = Path(model_dir("swapped", tokenizer=False)(tmp))
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (minilm_dir() / name).is_file():
+            shutil.copy(minilm_dir() / name, path / name)
+    state = json.loads((minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = state["model"]["vocab"]
+    a, b = (t for t, i in vocab.items() if i in (2000, 2001))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (path / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
+    return str(path)
+
+
+def checkpoints(latest: str | None, *tags: str, complete: bool = False) -> Callable[[dict, Path], None]:
+    def edit(recipe: dict, tmp: Path) -> None:
+        root = Path(recipe["train"]["output_dir"]) / "checkpoints"
+        for tag in tags:
+            (root / tag).mkdir(parents=True)
+            if complete:
+                (root / tag / "biodistill.json").write_text('{"step": 4, "world_size": 1}')
+        if latest:
+            (root / "latest").write_text(latest)
+
+    return edit
+
+
+def under_a_file(key: str) -> Callable[[dict, Path], None]:
+    return put(key, lambda tmp: write("plain-file", "x")(tmp) + "/run")
+
+
+MINI = minilm_dir()
+CASES = [
+    # ------------------------------------------------------------------------------ configs and flags
+    Case("unknown-key", "{r}: train.max_step: unknown key (did you mean 'max_steps'?)", put("train.max_step", 5)),
+    Case("not-an-integer", "{r}: train.max_steps: expected an integer, got 'ten'", put("train.max_steps", "ten")),
+    Case(
+        "unknown-precision",
+        "{r}: train.precision: must be one of 'fp32', 'bf16', 'fp16', got 'fp8'",
+        put("train.precision", "fp8"),
+    ),
+    Case("negative-lr", "{r}: optim.lr: must be > 0, got -1.0", put("optim.lr", -1)),
+    Case(
+        "warmup-too-long",
+        "{r}: optim.warmup_steps: must be in [0, train.max_steps), got 8",
+        put("optim.warmup_steps", 8),
+    ),
+    Case(
+        "unknown-loss",
+        "{r}: losses.terms[1].kind: unknown loss 'kl'; known: " + ", ".join(LOSSES),
+        put("losses.terms", [TERMS[0], {"kind": "kl"}]),
+    ),
+    Case(
+        "bad-layer-map",
+        "{r}: losses.terms[0].layer_map: must be 'last', 'uniform' or a list of [student, teacher] pairs, got 'middle'",
+        put("losses.terms", [{**TERMS[0], "layer_map": "middle"}]),
+    ),
+    Case("no-loss-terms", "{r}: losses.terms: at least one loss term is required", put("losses.terms", [])),
+    Case(
+        "batch-twice",
+        "{r}: train.global_batch_size: set either train.global_batch_size or train.grad_accum, not both "
+        "(accumulation follows from the global batch)",
+        both(put("train.global_batch_size", 16), put("train.grad_accum", 2)),
+    ),
+    Case(
+        "zero-timeout",
+        "{r}: train.collective_timeout: must be > 0 seconds, got 0.0",
+        put("train.collective_timeout", 0),
+    ),
+    Case(
+        "flag-without-value",
+        "command line --train.max_steps: train.max_steps: missing value",
+        argv=["--train.max_steps"],
+    ),
+    Case(
+        "flag-unknown-key",
+        "command line --train.max_stepz: train.max_stepz: unknown key (did you mean 'max_steps'?)",
+        argv=["--train.max_stepz", "3"],
+    ),
+    Case(
+        "bad-failpoint",
+        "environment: BIODISTILL_FAILPOINTS: 'save.file@x=kill' is not POINT[@STEP][#HIT][:RANK]=ACTION",
+        env={"BIODISTILL_FAILPOINTS": "save.file@x=kill"},
+    ),
+    # ------------------------------------------------------------------------------------------ paths
+    Case(
+        "missing-corpus",
+        "{r}: data.train_files[0]: file not found: {tmp}/nope.jsonl (from {cwd})",
+        put("data.train_files", lambda tmp: [str(tmp / "nope.jsonl")]),
+    ),
+    Case(
+        "glob-matches-nothing",
+        "{r}: data.train_files[0]: no file matches '{tmp}/pubmed/*.xml.gz' (from {cwd})",
+        put("data.train_files", lambda tmp: [str(tmp / "pubmed" / "*.xml.gz")]),
+    ),
+    Case(
+        "corpus-of-unknown-format",
+        "{r}: data.train_files[0]: {tmp}/notes.docx: unknown format; expected .xml(.gz) (PubMed), .csv(.gz) "
+        "(NOTEEVENTS), .txt, .jsonl or .parquet",
+        put("data.train_files", lambda tmp: [write("notes.docx", "text")(tmp)]),
+    ),
+    Case(
+        "missing-deepspeed-json",
+        "{r}: deepspeed.config: DeepSpeed config not found: {tmp}/ds.json",
+        put("deepspeed.config", lambda tmp: str(tmp / "ds.json")),
+    ),
+    Case(
+        "broken-deepspeed-json",
+        "{tmp}/ds.json: not valid JSON: Expecting value: line 1 column 1 (char 0)",
+        put("deepspeed.config", write("ds.json", "zero_optimization: 2")),
+    ),
+    Case(
+        "missing-teacher",
+        "{r}: teacher.path: {tmp}/biobert: not found (a Hugging Face model directory, pkg://package/dir, or a hub name)",
+        put("teacher.path", lambda tmp: str(tmp / "biobert")),
+    ),
+    Case(
+        "teacher-is-a-file",
+        "{r}: teacher.path: {tmp}/model.bin: not a directory (a Hugging Face model directory, pkg://package/dir, or "
+        "a hub name)",
+        put("teacher.path", write("model.bin", "weights")),
+    ),
+    Case(
+        "teacher-without-config",
+        "{r}: teacher.path: {tmp}/weights has no config.json: not a Hugging Face model directory",
+        put("teacher.path", lambda tmp: str(Path(write("weights/model.safetensors", "")(tmp)).parent)),
+    ),
+    Case(
+        "teacher-config-broken",
+        "{r}: teacher.path: {tmp}/broken/config.json is not valid JSON: Expecting property name enclosed in double "
+        "quotes: line 1 column 2 (char 1)",
+        put("teacher.path", lambda tmp: str(Path(write("broken/config.json", "{{")(tmp)).parent)),
+    ),
+    Case(
+        "output-dir-not-writable",
+        "{r}: train.output_dir: cannot write in {tmp}/plain-file/run: Not a directory",
+        under_a_file("train.output_dir"),
+    ),
+    Case(
+        "cache-dir-not-writable",
+        "{r}: data.cache_dir: cannot write in {tmp}/plain-file/run: Not a directory",
+        under_a_file("data.cache_dir"),
+    ),
+    # ---------------------------------------------------------------------------------- checkpoints
+    Case(
+        "fresh-start-over-checkpoints",
+        "{r}: train.output_dir: {out}/checkpoints already holds checkpoints (latest: step4); pass --resume to "
+        "continue from them, or choose another train.output_dir",
+        checkpoints("step4", "step4", complete=True),
+    ),
+    Case(
+        "resume-unknown-tag",
+        "--resume: checkpoint 'step9' not found in {out}/checkpoints",
+        checkpoints("step4", "step4", complete=True),
+        argv=["--resume", "step9"],
+    ),
+    Case(
+        "resume-interrupted-save",
+        "--resume: checkpoint {out}/checkpoints/step8 is incomplete (no biodistill.json): its save was interrupted; "
+        "resume from an earlier tag",
+        checkpoints(None, "step8"),
+        argv=["--resume", "step8"],
+    ),
+    # --------------------------------------------------------------------------- layer maps and models
+    Case(
+        "copy-a-layer-the-teacher-lacks",
+        "{r}: student.teacher_layers: teacher '{teacher}' has 4 layers (0..3); cannot copy [9]",
+        put("student.teacher_layers", [0, 9]),
+    ),
+    Case(
+        "layer-map-out-of-range",
+        "{r}: losses.terms[0].layer_map: pair [3, 4] is out of range: student has 2 layers, teacher 4; hidden "
+        "states are numbered 0 (embeddings)..L",
+        put("losses.terms", [{**TERMS[0], "layer_map": [[3, 4]]}]),
+    ),
+    Case(
+        "uniform-map-not-a-multiple",
+        "{r}: losses.terms[0].layer_map: 'uniform' needs teacher layers (4) to be a multiple of student layers (3)",
+        both(put("student.teacher_layers", [0, 1, 2]), put("losses.terms", [{**TERMS[0], "layer_map": "uniform"}])),
+    ),
+    # ------------------------------------------------------------------------------------ tokenizers
+    Case(
+        "teacher-without-tokenizer",
+        "{r}: teacher.path: {tmp}/no-tokenizer has no tokenizer (tokenizer.json, vocab.txt or tokenizer_config.json)",
+        both(put("teacher.path", model_dir("no-tokenizer", tokenizer=False)), put("student.teacher_layers", [0])),
+    ),
+    Case(
+        "teacher-embeddings-smaller-than-tokenizer",
+        "{r}: teacher.path: the model's vocab_size 30000 is smaller than its tokenizer's 30522 tokens: token ids "
+        ">= 30000 have no embedding",
+        both(put("teacher.path", model_dir("small-vocab", vocab_size=30000)), put("student.teacher_layers", [0])),
+    ),
+    Case(
+        "student-tokenizer-ids-differ",
+        "{r}: student.path: the student's tokenizer differs from the teacher's (30522 tokens vs the teacher's 30522; "
+        "other ids: [('{a}', 2000, 2001), ('{b}', 2001, 2000)]); the data is tokenised once, with the teacher's: "
+        "start the student from a checkpoint with the teacher's tokenizer",
+        both(put("student.init", "checkpoint"), put("student.path", swapped_vocab)),
+    ),
+    Case(
+        "student-tokenizer-cased",
+        "{r}: student.path: the student's tokenizer differs from the teacher's (same vocabulary, different "
+        "normalisation or pre-tokenisation (e.g. cased vs uncased)); the data is tokenised once, with the teacher's: "
+        "start the student from a checkpoint with the teacher's tokenizer",
+        both(put("student.init", "checkpoint"), put("student.path", model_dir("cased", lowercase=False))),
+    ),
+    # ---------------------------------------------------------------------------------------- corpora
+    Case(
+        "corpus-without-text-field",
+        "{r}: data.text_field: {tmp}/notes.jsonl: no line has a string 'text' field; the first line has ['body']",
+        put("data.train_files", lambda tmp: [write("notes.jsonl", '{"body": "chest pain"}\n' * 4)(tmp)]),
+        prepare=True,
+    ),
+    Case(
+        "corpus-with-a-broken-line",
+        "{r}: data.train_files[0]: {tmp}/notes.jsonl: line 2: malformed JSON line (Expecting value: line 2 column 1 "
+        "(char 10)) (data.on_bad_input: error)",
+        both(
+            put(
+                "data.train_files", lambda tmp: [write("notes.jsonl", '{"text": "a"}\n{"text": \n{"text": "b"}\n')(tmp)]
+            ),
+            put("data.on_bad_input", "error"),
+        ),
+        prepare=True,
+    ),
+    Case(
+        "corpus-too-small",
+        "{r}: data: found 1 usable document(s); need at least 2 (one held out)",
+        put("data.train_files", lambda tmp: [write("one.txt", "A single abstract about sepsis.\n")(tmp)]),
+        prepare=True,
+    ),
+    Case(
+        "noteevents-without-text-column",
+        "{r}: data.train_files[0]: {tmp}/NOTEEVENTS.csv: not a NOTEEVENTS table: no TEXT column(s) in the header",
+        put("data.train_files", lambda tmp: [write("NOTEEVENTS.csv", "ROW_ID,CATEGORY,ISERROR\n1,Nursing,\n")(tmp)]),
+        prepare=True,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gets_its_exact_error(case, tmp_path, tiny_teacher, tiny_corpus, capsys, monkeypatch):
+    recipe = recipe_dict(tiny_teacher, tiny_corpus, tmp_path, TERMS)
+    case.edit(recipe, tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    run = prepare.main if case.prepare else cli.main
+    code = run(["--config", str(path), *case.argv])
+    program = "biodistill-prepare" if case.prepare else "biodistill"
+    vocab = (MINI / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    expected = case.error.format(
+        r=path, tmp=tmp_path, out=tmp_path / "run", cwd=os.getcwd(), teacher=tiny_teacher, a=vocab[2001], b=vocab[2000]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{program}: error: {expected}"
+
+
+def test_catalogue_is_at_least_25_strong():
+    assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_output_dir_without_room_for_a_checkpoint(tmp_path, tiny_teacher, tiny_corpus, capsys):
+    """A 1 MiB filesystem cannot hold a checkpoint of the test student: refused before any compute."""
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    try:
+        recipe = recipe_dict(tiny_teacher, tiny_corpus, tmp_path, TERMS, train={"output_dir": str(out)})
+        path = write_recipe(tmp_path / "r.yaml", recipe)
+        assert cli.main(["--config", str(path)]) == 2
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    from transformers import AutoConfig, BertForMaskedLM
+
+    config = AutoConfig.from_pretrained(tiny_teacher)
+    config.num_hidden_layers = 2  # student.teacher_layers [0, 2]
+    params = sum(p.numel() for p in BertForMaskedLM(config).parameters())
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"biodistill: error: {path}: train.output_dir: {out} has 1.0 MiB free; a checkpoint of this student needs "
+        f"about {params * 16 / 2**20:.1f} MiB ({params:,} parameters x 16 bytes: weights and AdamW moments): "
+        "free some space or choose another train.output_dir"
+    )
+
+
+def test_fp16_teacher_overflow_is_detected(tiny_teacher):
+    """A real overflow: in fp16 a logit beyond 65504 is inf. The trainer's check sees it; fp32 is clean."""
+    from transformers import AutoModelForMaskedLM
+
+    from biodistill.engine.models import Needs, encode
+    from biodistill.engine.trainer import _nonfinite
+
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    mask, rows = torch.ones_like(ids), torch.tensor([1, 2])  # flat positions where the head runs
+    for dtype, overflows in ((torch.float32, False), (torch.float16, True)):
+        teacher = AutoModelForMaskedLM.from_pretrained(tiny_teacher, dtype=dtype).eval()
+        head = teacher.cls.predictions
+        with torch.no_grad():  # every value representable in fp16; their product is not
+            head.transform.LayerNorm.weight.zero_()
+            head.transform.LayerNorm.bias.fill_(1.0)  # the head's hidden state: 64 ones
+            head.decoder.weight[3000] = 1000.0  # token 3000's logit: 64 x 1000 + 2000 = 66000 > 65504
+            head.bias[3000] = 2000.0
+            out = encode(teacher, ids, mask, Needs(hidden_states=True, logits=True), rows)
+        assert out.logits[:, 3000].float().isinf().all().item() is overflows, dtype
+        assert bool(_nonfinite(out)) is overflows, dtype
