@@ -116,9 +116,17 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+): a port the kernel hands out is often still
+    the local end of an earlier job's connection in TIME_WAIT, where a rendezvous server cannot listen."""
+    pick = random.SystemRandom()  # not the seeded module RNG: every test would draw the same ports
+    while True:
+        port = pick.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @contextlib.contextmanager
