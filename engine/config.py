@@ -52,6 +52,10 @@ class TeacherConfig:
     # replicated: a full copy per rank (BERT-size teachers); partitioned: ZeRO-3 shards it across the ranks,
     # an inference-only DeepSpeed engine; offload: ZeRO-3 shards held in CPU memory, fetched layer by layer
     placement: Literal["replicated", "partitioned", "offload"] = "replicated"
+    # by_token: the student checkpoint (student.path) keeps its own tokenizer; the data is tokenised with it,
+    # and the teacher's inputs and logits are mapped through token strings (a token it lacks reads as [UNK]
+    # and gets no probability)
+    vocab_map: Literal["", "by_token"] = ""
 
 
 @dataclass
@@ -360,6 +364,12 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         f"{r.teacher.placement!r} places a teacher that no loss term uses; drop it or add a distillation term",
     )
     s = r.student
+    check(
+        not r.teacher.vocab_map or (s.init != "teacher_layers" and bool(s.path)),
+        "teacher.vocab_map",
+        "maps the tokenizer of a student checkpoint (student.path, student.init 'checkpoint' or 'config') to the "
+        "teacher's; a student made of teacher layers already has the teacher's",
+    )
     if s.init == "teacher_layers":
         check(bool(r.teacher.path), "teacher.path", "student.init 'teacher_layers' copies layers from a teacher")
         check(bool(s.teacher_layers), "student.teacher_layers", "list the teacher layers to copy, e.g. [0, 2, 4]")

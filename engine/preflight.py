@@ -4,7 +4,8 @@ found here, before the job joins its process group, each failure naming the key 
 - every local path the recipe names exists and is readable (models, corpora, the DeepSpeed JSON);
 - the output directory is writable, has room for a checkpoint, and holds no checkpoints a fresh start
   would overwrite (``--resume`` continues them) - and ``--resume TAG`` names one that exists;
-- the teacher's and the student's tokenizers are the same, and both models' embeddings cover it;
+- the teacher's and the student's tokenizers are the same (or ``teacher.vocab_map`` maps one to the
+  other), and each model's embeddings cover its tokenizer;
 - the recipe's layer maps and copied layers fit both models.
 
 The recipe's values were checked when it loaded (config.validate); these are checks of the world.
@@ -41,10 +42,7 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
     if r.data.train_files and not r.data.streaming:
         _writable(r, "data.cache_dir", resolve_path(r.data.cache_dir))
     resume_point(r, resume)
-    teacher_config, student_config, tokenizer = _models(r)
-    if tokenizer is not None:
-        _vocabularies(r, tokenizer, teacher_config, student_config)
-    _room_for_a_checkpoint(r, student_config)
+    _room_for_a_checkpoint(r, _models(r))
 
 
 def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[tuple[str, dict]]:
@@ -107,21 +105,36 @@ def _writable(r: Recipe, key: str, directory: Path) -> None:
 
 
 def _models(r: Recipe):
-    """The teacher's and student's configs and the job's tokenizer, without any weights; the layer
-    maps and copied layers are checked against the configs on the way."""
+    """The teacher's and student's configs, without any weights; the layer maps and copied layers are
+    checked against them, and the tokenizers against each other and against both embeddings."""
     from biodistill.engine.losses import build_terms
     from biodistill.engine.students import load_config, student_config
+    from biodistill.engine.teacher import VocabMap, seen_by_terms
 
     teacher_config = load_config(r.teacher.path, r, "teacher.path") if r.teacher.path else None
     student = student_config(r, teacher_config)  # checks student.teacher_layers against the teacher
-    build_terms(r.losses, student, teacher_config, r.source)  # checks every layer map against both
-    location = r.teacher.path or r.student.path
-    tokenizer = _tokenizer(r, "teacher.path" if r.teacher.path else "student.path", location)
-    if tokenizer is not None and r.teacher.path and r.student.path and _is_local(r.student.path):
-        theirs = _tokenizer(r, "student.path", r.student.path, required=False)
-        if theirs is not None:
-            _same_tokenizer(r, tokenizer, theirs)
-    return teacher_config, student, tokenizer
+    build_terms(r.losses, student, seen_by_terms(r, teacher_config, student), r.source)  # every layer map
+    teacher_tok = _tokenizer(r, "teacher.path", r.teacher.path) if r.teacher.path else None
+    own = bool(r.teacher.vocab_map) or not r.teacher.path  # the student's tokenizer is the one the data uses
+    student_tok = _tokenizer(r, "student.path", r.student.path, required=own) if r.student.path else None
+    if r.teacher.vocab_map and teacher_tok is not None and student_tok is not None:
+        coverage = VocabMap(student_tok, teacher_tok, max(student.vocab_size, len(student_tok))).coverage
+        if coverage < 0.5:
+            raise ConfigError(
+                r.source, "teacher.vocab_map",
+                f"only {coverage:.0%} of the student's tokens are in the teacher's vocabulary: the teacher would "
+                "read mostly [UNK]; distil from a teacher with a similar vocabulary",
+            )  # fmt: skip
+        _covers(r, "teacher.path", teacher_config, teacher_tok)
+        _covers(r, "student.path", student, student_tok)
+    elif teacher_tok is not None:
+        if student_tok is not None:
+            _same_tokenizer(r, teacher_tok, student_tok)
+        _covers(r, "teacher.path", teacher_config, teacher_tok)
+        _covers(r, "student.path" if r.student.path else "student.overrides.vocab_size", student, teacher_tok)
+    elif student_tok is not None:
+        _covers(r, "student.path", student, student_tok)
+    return student
 
 
 def _tokenizer(r: Recipe, key: str, path: str, required: bool = True):
@@ -162,20 +175,19 @@ def _same_tokenizer(r: Recipe, teacher, student) -> None:
     raise ConfigError(
         r.source, "student.path",
         f"the student's tokenizer differs from the teacher's ({differs}); the data is tokenised once, with "
-        "the teacher's: start the student from a checkpoint with the teacher's tokenizer",
+        "the teacher's: start the student from a checkpoint with the teacher's tokenizer, or set "
+        "teacher.vocab_map: by_token to map the student's to the teacher's",
     )  # fmt: skip
 
 
-def _vocabularies(r: Recipe, tokenizer, teacher_config, student_config) -> None:
-    size = len(tokenizer)
-    for key, config in (("teacher.path", teacher_config), ("student.path", student_config)):
-        vocab = getattr(config, "vocab_size", None) if config is not None else None
-        if vocab is not None and vocab < size:
-            raise ConfigError(
-                r.source, key if key == "teacher.path" or r.student.path else "student.overrides.vocab_size",
-                f"the model's vocab_size {vocab} is smaller than its tokenizer's {size} tokens: token ids "
-                f">= {vocab} have no embedding",
-            )  # fmt: skip
+def _covers(r: Recipe, key: str, config, tokenizer) -> None:
+    vocab = getattr(config, "vocab_size", None) if config is not None else None
+    if vocab is not None and vocab < len(tokenizer):
+        raise ConfigError(
+            r.source, key,
+            f"the model's vocab_size {vocab} is smaller than its tokenizer's {len(tokenizer)} tokens: token ids "
+            f">= {vocab} have no embedding",
+        )  # fmt: skip
 
 
 def _room_for_a_checkpoint(r: Recipe, student_config) -> None:

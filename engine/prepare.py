@@ -485,12 +485,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def recipe_tokenizer(recipe):
-    """The tokenizer a recipe's jobs use: the teacher's, or the student checkpoint's without a teacher."""
+    """The tokenizer a recipe's jobs use: the teacher's; the student checkpoint's without a teacher or
+    with ``teacher.vocab_map``."""
     from transformers import AutoTokenizer
 
     from biodistill.engine.teacher import model_location
 
-    return AutoTokenizer.from_pretrained(model_location(recipe.teacher.path or recipe.student.path))
+    own = recipe.student.path and (recipe.teacher.vocab_map or not recipe.teacher.path)
+    return AutoTokenizer.from_pretrained(model_location(recipe.student.path if own else recipe.teacher.path))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ order (the trainer's step and its evaluation keep batch counts equal across rank
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import deepspeed
@@ -23,6 +24,47 @@ from biodistill.engine.models import Needs, attn_implementation, mlm_head
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class VocabMap:
+    """Student token ids -> teacher token ids through token strings (``teacher.vocab_map: by_token``).
+
+    The teacher reads the student's sequences with its own ids (a token it lacks becomes its [UNK]), and
+    its logits come back over the student's vocabulary: column i is the teacher's logit of student token
+    i, or a very low logit where the teacher has no such token (no probability, and no inf in the KL).
+    """
+
+    LOW = -1e4
+
+    def __init__(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int):
+        teacher_vocab = teacher_tokenizer.get_vocab()
+        self.ids = torch.full((student_vocab_size,), teacher_tokenizer.unk_token_id, dtype=torch.long)
+        self.known = torch.zeros(student_vocab_size, dtype=torch.bool)
+        for token, i in student_tokenizer.get_vocab().items():
+            j = teacher_vocab.get(token)
+            if j is not None and i < student_vocab_size:
+                self.ids[i], self.known[i] = j, True
+        self.coverage = self.known.sum().item() / max(len(student_tokenizer), 1)
+
+    def to(self, device) -> VocabMap:
+        self.ids, self.known = self.ids.to(device), self.known.to(device)
+        return self
+
+    def inputs(self, student_ids: torch.Tensor) -> torch.Tensor:
+        return self.ids[student_ids]
+
+    def logits(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """[rows, V_teacher] -> [rows, V_student]."""
+        return teacher_logits[:, self.ids].masked_fill(~self.known, self.LOW)
+
+
+def seen_by_terms(recipe: Recipe, teacher_config, student_config):
+    """The teacher's config as the loss terms see it: through a vocab map its logits have the student's width."""
+    if not recipe.teacher.vocab_map or teacher_config is None:
+        return teacher_config
+    mapped = copy.deepcopy(teacher_config)
+    mapped.vocab_size = student_config.vocab_size
+    return mapped
 
 
 def teacher_dtype(choice: str, device: torch.device) -> torch.dtype:

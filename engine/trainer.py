@@ -29,7 +29,14 @@ from biodistill.engine.losses import DistillationModel, build_terms
 from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size
 from biodistill.engine.prepare import recipe_tokenizer
 from biodistill.engine.students import build_student, load_config, student_config
-from biodistill.engine.teacher import load_teacher, place_teacher, resident_bytes
+from biodistill.engine.teacher import (
+    VocabMap,
+    load_teacher,
+    model_location,
+    place_teacher,
+    resident_bytes,
+    seen_by_terms,
+)
 
 log = logging.getLogger("biodistill")
 
@@ -68,7 +75,8 @@ class Trainer:
 
     def _build_models(self) -> None:
         r = self.recipe
-        probe = build_terms(r.losses, _config_only(r), _teacher_config(r), r.source)  # needs, before loading
+        student_config = _config_only(r)
+        probe = build_terms(r.losses, student_config, seen_by_terms(r, _teacher_config(r), student_config), r.source)
         student_needs = teacher_needs = Needs()
         for term in probe:
             student_needs, teacher_needs = student_needs | term.student_needs, teacher_needs | term.teacher_needs
@@ -86,7 +94,15 @@ class Trainer:
             self.teacher, self.teacher_engine = place_teacher(
                 self.teacher, r.teacher.placement, r.train.micro_batch_size
             )
-        terms = build_terms(r.losses, self.student.config, self.teacher.config if self.teacher else None, r.source)
+        self.vocab_map = None
+        if r.teacher.vocab_map:
+            from transformers import AutoTokenizer
+
+            teacher_tokenizer = AutoTokenizer.from_pretrained(model_location(r.teacher.path))
+            self.vocab_map = VocabMap(self.tokenizer, teacher_tokenizer, self.student.config.vocab_size)
+            self.vocab_map.to(self.dist.device)
+        teacher_config = seen_by_terms(r, self.teacher.config if self.teacher else None, self.student.config)
+        terms = build_terms(r.losses, self.student.config, teacher_config, r.source)
         self.model = DistillationModel(self.student, terms, [t.weight for t in r.losses.terms])
 
     def _build_engine(self) -> None:
@@ -182,10 +198,11 @@ class Trainer:
     def teacher_outputs(self, batch: dict, extra: Needs = NOTHING) -> Outputs:
         if self.teacher is None:
             return Outputs()
+        ids = batch["input_ids"] if self.vocab_map is None else self.vocab_map.inputs(batch["input_ids"])
         with torch.no_grad():
             out = encode(
                 self.teacher,
-                batch["input_ids"],
+                ids,
                 batch["attention_mask"],
                 self.model.teacher_needs | extra,
                 batch["rows"],
@@ -198,6 +215,8 @@ class Trainer:
             )
         )
         if out.logits is not None:
+            if self.vocab_map is not None:
+                out.logits = self.vocab_map.logits(out.logits)
             out.logits = faults.poison("teacher.outputs", out.logits, self.step + 1)
         return out
 

@@ -69,6 +69,21 @@ def make_bert(directory: Path, *, layers=4, hidden=64, heads=4, mlm_head=True, s
     return directory
 
 
+def swapped_student(directory: Path) -> Path:
+    """Give the model in ``directory`` the MiniLM tokenizer with two tokens' ids (2000, 2001) swapped."""
+    import shutil
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (minilm_dir() / name).is_file():
+            shutil.copy(minilm_dir() / name, directory / name)
+    state = json.loads((minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = state["model"]["vocab"]
+    a, b = (t for t, i in vocab.items() if i in (2000, 2001))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (directory / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     return make_bert(tmp_path_factory.mktemp("teacher"))

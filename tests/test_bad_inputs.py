@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir, recipe_dict, write_recipe
+from conftest import minilm_dir, recipe_dict, swapped_student, write_recipe
 
 from biodistill.engine import cli, prepare
 from biodistill.engine.losses import LOSSES
@@ -83,20 +83,7 @@ def model_dir(name: str, tokenizer: bool = True, vocab_size: int = 30522, lowerc
 
 
 def swapped_vocab(tmp: Path) -> str:
-    """A student checkpoint whose tokenizer gives two tokens each other's ids."""
-    import json
-    import shutil
-
-    path = Path(model_dir("swapped", tokenizer=False)(tmp))
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (minilm_dir() / name).is_file():
-            shutil.copy(minilm_dir() / name, path / name)
-    state = json.loads((minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = state["model"]["vocab"]
-    a, b = (t for t, i in vocab.items() if i in (2000, 2001))
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (path / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
-    return str(path)
+    return str(swapped_student(Path(model_dir("swapped", tokenizer=False)(tmp))))
 
 
 def checkpoints(latest: str | None, *tags: str, complete: bool = False) -> Callable[[dict, Path], None]:
@@ -281,14 +268,16 @@ CASES = [
         "student-tokenizer-ids-differ",
         "{r}: student.path: the student's tokenizer differs from the teacher's (30522 tokens vs the teacher's 30522; "
         "other ids: [('{a}', 2000, 2001), ('{b}', 2001, 2000)]); the data is tokenised once, with the teacher's: "
-        "start the student from a checkpoint with the teacher's tokenizer",
+        "start the student from a checkpoint with the teacher's tokenizer, or set teacher.vocab_map: by_token to map "
+        "the student's to the teacher's",
         both(put("student.init", "checkpoint"), put("student.path", swapped_vocab)),
     ),
     Case(
         "student-tokenizer-cased",
         "{r}: student.path: the student's tokenizer differs from the teacher's (same vocabulary, different "
         "normalisation or pre-tokenisation (e.g. cased vs uncased)); the data is tokenised once, with the teacher's: "
-        "start the student from a checkpoint with the teacher's tokenizer",
+        "start the student from a checkpoint with the teacher's tokenizer, or set teacher.vocab_map: by_token to map "
+        "the student's to the teacher's",
         both(put("student.init", "checkpoint"), put("student.path", model_dir("cased", lowercase=False))),
     ),
     # ---------------------------------------------------------------------------------------- corpora
