@@ -1,7 +1,8 @@
 """Start-up checks: everything that can be found wrong without loading weights or touching a GPU is
 found here, before the job joins its process group, each failure naming the key at fault.
 
-- every local path the recipe names exists and is readable (models, corpora, the DeepSpeed JSON);
+- every local path the recipe names exists and is readable (models, corpora of a known format, the
+  DeepSpeed JSON);
 - the output directory is writable, has room for a checkpoint, and holds no checkpoints a fresh start
   would overwrite (``--resume`` continues them) - and ``--resume TAG`` names one that exists;
 - the teacher's and the student's tokenizers are the same (or ``teacher.vocab_map`` maps one to the
@@ -36,8 +37,11 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
         if path and _is_local(path):
             _model_dir(r, key, path)
     if r.data.train_files:
+        from biodistill.engine.prepare import require_known_format
+
         for key, path in data_files(r.data, r.source):
             _readable(r, key, path)
+            require_known_format(r.source, key, path)
     _writable(r, "train.output_dir", Path(r.train.output_dir))
     if r.data.train_files and not r.data.streaming:
         _writable(r, "data.cache_dir", resolve_path(r.data.cache_dir))

@@ -202,6 +202,14 @@ def _dataset_job(data: DataConfig, shard: Path, tokenizer_json: str, source: str
     return result
 
 
+def require_known_format(source: str, key: str, path: Path) -> None:
+    if corpora.detect_format(path) is None:
+        raise ConfigError(
+            source, key, f"{path}: unknown format; expected .xml(.gz) (PubMed), .csv(.gz) (NOTEEVENTS), "
+            ".txt, .jsonl or .parquet",
+        )  # fmt: skip
+
+
 def tokenise(data: DataConfig, tokenizer, source: str, work: Path, progress: bool) -> list[FileResult]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -211,11 +219,7 @@ def tokenise(data: DataConfig, tokenizer, source: str, work: Path, progress: boo
         return [_dataset_job(data, work / "docs-0.arrow", tokenizer_json, source)]
     files = data_files(data, source)
     for key, path in files:
-        if corpora.detect_format(path) is None:
-            raise ConfigError(
-                source, key, f"{path}: unknown format; expected .xml(.gz) (PubMed), .csv(.gz) (NOTEEVENTS), "
-                ".txt, .jsonl or .parquet",
-            )  # fmt: skip
+        require_known_format(source, key, path)
     options = read_options(data)
     jobs = [
         _Job(i, path, key, source, work / f"docs-{i}.arrow", options, tokenizer_json, data.seed,

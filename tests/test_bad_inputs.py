@@ -330,6 +330,7 @@ def test_bad_input_gets_its_exact_error(case, tmp_path, tiny_teacher, tiny_corpu
     )
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"{program}: error: {expected}"
+    assert not torch.distributed.is_initialized()  # found before the job joined a process group
 
 
 def test_catalogue_is_at_least_25_strong():
