@@ -112,12 +112,12 @@ def _models(r: Recipe):
     """The teacher's and student's configs, without any weights; the layer maps and copied layers are
     checked against them, and the tokenizers against each other and against both embeddings."""
     from biodistill.engine.losses import build_terms
-    from biodistill.engine.students import load_config, student_config
+    from biodistill.engine.students import student_config, teacher_config
     from biodistill.engine.teacher import VocabMap, seen_by_terms
 
-    teacher_config = load_config(r.teacher.path, r, "teacher.path") if r.teacher.path else None
-    student = student_config(r, teacher_config)  # checks student.teacher_layers against the teacher
-    build_terms(r.losses, student, seen_by_terms(r, teacher_config, student), r.source)  # every layer map
+    teachers = teacher_config(r)
+    student = student_config(r, teachers)  # checks student.teacher_layers against the teacher
+    build_terms(r.losses, student, seen_by_terms(r, teachers, student), r.source)  # every layer map
     teacher_tok = _tokenizer(r, "teacher.path", r.teacher.path) if r.teacher.path else None
     own = bool(r.teacher.vocab_map) or not r.teacher.path  # the student's tokenizer is the one the data uses
     student_tok = _tokenizer(r, "student.path", r.student.path, required=own) if r.student.path else None
@@ -129,12 +129,12 @@ def _models(r: Recipe):
                 f"only {coverage:.0%} of the student's tokens are in the teacher's vocabulary: the teacher would "
                 "read mostly [UNK]; distil from a teacher with a similar vocabulary",
             )  # fmt: skip
-        _covers(r, "teacher.path", teacher_config, teacher_tok)
+        _covers(r, "teacher.path", teachers, teacher_tok)
         _covers(r, "student.path", student, student_tok)
     elif teacher_tok is not None:
         if student_tok is not None:
             _same_tokenizer(r, teacher_tok, student_tok)
-        _covers(r, "teacher.path", teacher_config, teacher_tok)
+        _covers(r, "teacher.path", teachers, teacher_tok)
         _covers(r, "student.path" if r.student.path else "student.overrides.vocab_size", student, teacher_tok)
     elif student_tok is not None:
         _covers(r, "student.path", student, student_tok)

@@ -38,6 +38,11 @@ def load_config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
         return published
 
 
+def teacher_config(recipe: Recipe) -> Optional[PretrainedConfig]:
+    """The teacher's config (no weights), or None for a recipe without a teacher."""
+    return load_config(recipe.teacher.path, recipe, "teacher.path") if recipe.teacher.path else None
+
+
 def student_config(
     recipe: Recipe, teacher_config: Optional[PretrainedConfig], load: Callable[..., PretrainedConfig] = load_config
 ) -> PretrainedConfig:

@@ -28,7 +28,7 @@ from biodistill.engine.health import Health, JobError
 from biodistill.engine.losses import DistillationModel, build_terms
 from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size
 from biodistill.engine.prepare import recipe_tokenizer
-from biodistill.engine.students import build_student, load_config, student_config
+from biodistill.engine.students import build_student, student_config, teacher_config
 from biodistill.engine.teacher import (
     VocabMap,
     load_teacher,
@@ -75,8 +75,10 @@ class Trainer:
 
     def _build_models(self) -> None:
         r = self.recipe
-        student_config = _config_only(r)
-        probe = build_terms(r.losses, student_config, seen_by_terms(r, _teacher_config(r), student_config), r.source)
+        # Configs only: the terms' needs decide what the models are loaded with.
+        teachers = teacher_config(r)
+        students = student_config(r, teachers)
+        probe = build_terms(r.losses, students, seen_by_terms(r, teachers, students), r.source)
         student_needs = teacher_needs = Needs()
         for term in probe:
             student_needs, teacher_needs = student_needs | term.student_needs, teacher_needs | term.teacher_needs
@@ -101,8 +103,8 @@ class Trainer:
             teacher_tokenizer = AutoTokenizer.from_pretrained(model_location(r.teacher.path))
             self.vocab_map = VocabMap(self.tokenizer, teacher_tokenizer, self.student.config.vocab_size)
             self.vocab_map.to(self.dist.device)
-        teacher_config = seen_by_terms(r, self.teacher.config if self.teacher else None, self.student.config)
-        terms = build_terms(r.losses, self.student.config, teacher_config, r.source)
+        seen = seen_by_terms(r, self.teacher.config if self.teacher else None, self.student.config)
+        terms = build_terms(r.losses, self.student.config, seen, r.source)
         self.model = DistillationModel(self.student, terms, [t.weight for t in r.losses.terms])
 
     def _build_engine(self) -> None:
@@ -544,12 +546,12 @@ class Trainer:
 
 
 def _nonfinite(outputs: Outputs) -> torch.Tensor:
-    """True (a 0-d tensor, no sync) when any of the teacher's outputs holds inf or NaN."""
-    found = torch.tensor(False)
-    for x in (outputs.hidden_states, outputs.attentions, outputs.logits):
-        for t in x if isinstance(x, tuple) else (x,) if x is not None else ():
-            found = found.to(t.device) | ~torch.isfinite(t).all()
-    return found
+    """True (a 0-d tensor on the outputs' device, no sync) when any of the teacher's outputs holds inf or NaN."""
+    groups = (outputs.hidden_states, outputs.attentions, outputs.logits)
+    tensors = [t for x in groups if x is not None for t in (x if isinstance(x, tuple) else (x,))]
+    if not tensors:
+        return torch.tensor(False)
+    return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
 
 
 def _batch_name(names: dict) -> str:
@@ -570,12 +572,3 @@ def format_report(before: dict[str, float], after: dict[str, float]) -> str:
         better = "higher is better" if key.startswith("agreement") else "lower is better"
         lines.append(f"{key:<36}{before[key]:>8.4f} {after.get(key, float('nan')):>10.4f}   ({better})")
     return "\n".join(lines)
-
-
-def _teacher_config(recipe: Recipe):
-    return load_config(recipe.teacher.path, recipe, "teacher.path") if recipe.teacher.path else None
-
-
-def _config_only(recipe: Recipe):
-    """The student's config without building it, so terms can be checked before any weights load."""
-    return student_config(recipe, _teacher_config(recipe))
