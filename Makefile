@@ -25,13 +25,13 @@ lint:
 	ruff check . && ruff format --check .
 
 bench-overhead: install
-	$(PYTHON) -m biodistill.engine.bench --steps 20
+	$(PYTHON) -m biodistill.engine.bench.overhead --steps 20
 
 bench-data: install
-	$(PYTHON) -m biodistill.engine.bench_data --documents 40000
+	$(PYTHON) -m biodistill.engine.bench.data --documents 40000
 
 bench-placement: install
-	$(PYTHON) -m biodistill.engine.bench_placement --ranks 2 --steps 12
+	$(PYTHON) -m biodistill.engine.bench.placement --ranks 2 --steps 12
 
 bench-kernels: install
 	$(PIP) install -q -e ".[bench]"  # Liger-Kernel, a comparison row in the KL table

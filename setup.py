@@ -14,7 +14,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["biodistill.engine", "biodistill.kernels"],
+    packages=[
+        "biodistill.engine",
+        *(f"biodistill.engine.{sub}" for sub in ("data", "models", "runtime", "bench")),
+        "biodistill.kernels",
+    ],
+    # Subpackages follow their parent's mapping: biodistill.engine.data is engine/data.
     package_dir={"biodistill.engine": "engine", "biodistill.kernels": "kernels"},
     package_data={"biodistill.engine": ["assets/*.jsonl"]},
     # torch is deliberately loose: install the pinned build first (README), so that nothing here
@@ -42,7 +47,7 @@ setup(
     entry_points={
         "console_scripts": [
             "biodistill-train=biodistill.engine.cli:main",
-            "biodistill-prepare=biodistill.engine.prepare:main",
+            "biodistill-prepare=biodistill.engine.data.cache:main",
         ]
     },
 )

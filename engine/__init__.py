@@ -1,1 +1,27 @@
-"""x"""
+"""biodistill.engine: distil a frozen teacher into a student under DeepSpeed.
+
+The packages, one subsystem each::
+
+    cli.py       entry: parse the flags, load the recipe, run the start-up checks, train
+    config.py    the recipe schema: typed sections, YAML loading, dotted overrides, validation
+    trainer.py   the loop: build, step, evaluate, save, export
+    losses.py    the loss terms and the module DeepSpeed trains (student + terms)
+    data/        corpora -> tokens -> the cache or a stream -> masked batches
+    models/      encoder outputs, the teacher, student builders, MiniALBERT, published shapes, --smoke
+    runtime/     process group, checkpoints, resume, reporting, health, fault points, start-up checks
+    bench/       the engine's benchmarks
+    assets/      the bundled demo corpus
+
+The data flow of one job::
+
+    recipe (config.py)
+      -> data/: corpora.read -> tokenise (Encoder, Chunker) -> cache.prepare | stream -> batches (MLM masks)
+      -> models/: teacher.load_teacher (frozen, fp16/bf16) and students.build_student (copied layers)
+      -> losses.py: DistillationModel(student, terms) reads both models' Outputs
+      -> trainer.py: deepspeed.initialize, then per step engine(batch, teacher) -> backward -> step
+      -> runtime/: checkpoint.save (atomic, resumable), report (metrics.jsonl, monitors), checkpoint.export
+
+Imports point down this list: cli -> trainer -> data/, models/, losses, runtime/ -> config; runtime/
+imports neither data/ nor models/; kernels/ (biodistill.kernels) imports nothing of the engine's but the
+MiniALBERT model its whole-step benchmark trains.
+"""

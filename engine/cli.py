@@ -1,6 +1,6 @@
 """``deepspeed launch/train.py --config configs/<recipe>.yaml [--smoke] [--section.key value ...] [--resume [TAG]]``
 
-Parse, build, train, close. Anything after the known flags is a dotted override of the recipe.
+Parse, check, train, close. Anything after the known flags is a dotted override of the recipe.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import argparse
 import logging
 import os
 import sys
+from typing import Optional
 
-from biodistill.engine.config import ConfigError, load_recipe
+from .config import ConfigError, Recipe, data_files, load_recipe
 
 
 def parse_args(argv: list[str] | None = None):
@@ -41,6 +42,46 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_known_args(argv)
 
 
+def check(recipe: Recipe, resume: Optional[str]) -> None:
+    """The start-up checks: everything that can be found wrong without weights, a process group or a
+    GPU, each failure a ConfigError naming the key at fault. The world first (paths, writable
+    directories, the resume target), then the corpus formats, then the models' configs: copied layers,
+    every loss term's layer map, the tokenizers, and room on disk for a checkpoint of this student."""
+    from .data import corpora, tokenise
+    from .losses import build_terms
+    from .models.outputs import position_limit
+    from .models.students import parameter_count, student_config, teacher_config
+    from .models.teacher import seen_by_terms
+    from .runtime import hub, preflight
+
+    r = recipe
+    preflight.check(r, resume)
+    needed = [("teacher.path", r.teacher.path, True)]  # (key, model, weights needed)
+    needed.append(("student.path", r.student.path, r.student.init == "checkpoint"))
+    for key, name, weights in needed:
+        missing = hub.check_cached(name, weights) if name else None
+        if missing:  # an offline node: fail now, not after the process group and the retries
+            raise ConfigError(r.source, key, missing)
+    if r.data.train_files:
+        for key, path in data_files(r.data, r.source):
+            corpora.require_known_format(r.source, key, path)
+    teacher = teacher_config(r)
+    student = student_config(r, teacher)  # student.teacher_layers against the teacher
+    models = [("the teacher", r.teacher.path, teacher)]
+    models.append(("the student", r.student.path or "its config from the teacher's and student.overrides", student))
+    for role, where, config in models:  # positions: else the first long batch fails mid-job
+        limit = position_limit(config) if config is not None else None
+        if limit is not None and r.data.max_length > limit:
+            raise ConfigError(
+                r.source, "data.max_length",
+                f"{r.data.max_length} tokens is longer than {role} has positions for: {limit} "
+                f"({config.model_type}, {where}); set data.max_length {limit} or less",
+            )  # fmt: skip
+    build_terms(r.losses, student, seen_by_terms(r, teacher, student), r.source)  # every layer map
+    tokenise.check_tokenizers(r, teacher, student)
+    preflight.room_for_a_checkpoint(r, parameter_count(r, student))
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks; HF tokenizers warn otherwise
@@ -53,17 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     if os.environ.get("RANK", "0") != "0":
         datasets.disable_progress_bars()
+    from .runtime import hub
+
+    hub.decide()  # once, before any hub name is asked for: an offline node must not wait on retries
     try:
         transform = None
         if args.smoke:
-            from biodistill.engine.smoke import smoke as transform
+            from .models.smoke import smoke as transform
         recipe = load_recipe(args.config, overrides, deepspeed_config=args.deepspeed_config or "", transform=transform)
-        from biodistill.engine import faults, preflight
-        from biodistill.engine.health import JobError
-        from biodistill.engine.trainer import Trainer
+        from .runtime import faults
+        from .runtime.health import JobError
+        from .trainer import Trainer
 
         faults.arm()
-        preflight.check(recipe, args.resume)  # before any process group, weights or compute
+        check(recipe, args.resume)  # before any process group, weights or compute
         trainer = Trainer(recipe, resume=args.resume)
         try:
             trainer.fit()

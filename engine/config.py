@@ -69,7 +69,8 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    # PubMed .xml(.gz), MIMIC-III NOTEEVENTS .csv(.gz), .txt (a document a line), .jsonl, .parquet; globs ok
+    # PubMed/MEDLINE .xml(.gz); PMC .nxml, .xml, oa_*_xml.*.tar.gz; MIMIC-III NOTEEVENTS or MIMIC-IV-Note
+    # .csv(.gz); .txt (a document a line), .jsonl, .parquet; globs ok
     train_files: list[str] = field(default_factory=list)
     dataset: str = ""  # a `datasets` name instead of files (needs a reachable hub or local cache)
     dataset_config: str = ""
@@ -80,8 +81,12 @@ class DataConfig:
     long_documents: Literal["truncate", "split"] = "truncate"  # without packing: cut at max_length, or continue
     whole_word_masking: bool = False  # mask every piece of a chosen word, not single word pieces
     note_categories: list[str] = field(default_factory=list)  # NOTEEVENTS CATEGORY values to keep; empty: all
-    deid: Literal["keep", "normalise", "remove"] = "keep"  # MIMIC's [** ... **] placeholders
+    note_types: list[str] = field(default_factory=list)  # MIMIC-IV-Note note_type values (DS, AD, RR, AR); empty: all
+    deid: Literal["keep", "normalise", "remove"] = "keep"  # MIMIC-III's [** ... **], MIMIC-IV's ___
     require_abstract: bool = True  # PubMed: skip citations that have a title but no abstract
+    pmc_parts: list[str] = field(default_factory=lambda: ["title", "abstract", "body"])  # PMC: the text kept
+    pmc_section_titles: Literal["label", "drop"] = "label"  # PMC: "Methods: <first paragraph>", or no titles
+    pmc_require_body: bool = False  # PMC: skip (and count) articles with no body paragraphs (abstract-only)
     on_bad_input: Literal["skip", "error"] = "skip"  # unreadable records: count and go on, or stop
     streaming: bool = False  # read and tokenise on the fly, each rank its shard (no cache; corpora beyond disk)
     mlm_probability: float = 0.15
@@ -334,7 +339,7 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         if not ok:
             raise ConfigError(_where(key, r.source, sources), key, message)
 
-    from biodistill.engine.losses import LOSSES  # the registry is the list of valid kinds
+    from .losses import LOSSES  # the registry is the list of valid kinds
 
     check(bool(r.losses.terms), "losses.terms", "at least one loss term is required")
     for i, term in enumerate(r.losses.terms):
@@ -391,6 +396,12 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
     check(0 < d.mlm_probability < 1, "data.mlm_probability", f"must be in (0, 1), got {d.mlm_probability}")
     check(0 < d.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {d.heldout_fraction}")
     check(d.num_workers >= 1, "data.num_workers", "must be >= 1")
+    parts = ("title", "abstract", "body")
+    check(
+        bool(d.pmc_parts) and set(d.pmc_parts) <= set(parts),
+        "data.pmc_parts",
+        f"must be a non-empty list of {', '.join(parts)}, got {d.pmc_parts}",
+    )
     check(not (d.streaming and d.dataset), "data.streaming", "streams files (data.train_files), not data.dataset")
 
     t = r.train
@@ -484,6 +495,17 @@ def resolve_path(path: str) -> Path:
             raise ConfigError(path, "", f"package '{package}' is not installed")
         return Path(list(spec.submodule_search_locations)[0]) / rest
     return Path(path).expanduser()
+
+
+def model_location(path: str) -> str:
+    """A local directory (pkg:// resolved) or the hub name as given."""
+    local = resolve_path(path)
+    return str(local) if local.exists() or path.startswith("pkg://") else path
+
+
+def is_local(path: str) -> bool:
+    """A path, not a hub name: a hub name is fetched (or found in the hub cache) by the loader."""
+    return path.startswith(("/", ".", "~", "pkg://")) or resolve_path(path).exists()
 
 
 def _plain(value: Any) -> Any:

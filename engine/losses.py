@@ -1,7 +1,7 @@
 """Distillation loss terms behind one interface, and the module DeepSpeed trains.
 
 Each term is an ``nn.Module`` built from its recipe entry; ``forward(student, teacher, batch)`` takes the
-two models' :class:`~biodistill.engine.models.Outputs` and returns a scalar. A term declares what it
+two models' :class:`~biodistill.engine.models.outputs.Outputs` and returns a scalar. A term declares what it
 reads (``student_needs`` / ``teacher_needs``), so the models compute nothing more. Terms that own
 parameters (the hidden-MSE projection) are trained with the student and dropped at export, because
 they live in :class:`DistillationModel`, not in the student.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biodistill.engine.config import ConfigError, LossesConfig, LossTermConfig
-from biodistill.engine.models import NOTHING, Needs, Outputs, encode, hidden_size, num_heads, num_layers
-from biodistill.kernels import temperature_kl
+from ..kernels import temperature_kl
+from .config import ConfigError, LossesConfig, LossTermConfig
+from .models.outputs import NOTHING, Needs, Outputs, encode, hidden_size, num_heads, num_layers
 
 _ATTN_EPS = 1e-12  # floor inside the logs of the attention KL, as the published scripts used
 

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from biodistill.kernels import reference
-from biodistill.kernels.reference import Reduction
+from . import reference
+from .reference import Reduction
 
 __all__ = ["TemperatureKL", "bottleneck_adapter", "temperature_kl", "use_triton"]
 
@@ -32,7 +32,7 @@ def use_triton(x: torch.Tensor) -> bool:
 def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps=1e-12):
     """``LN(x + Up(GELU(Down(x))))`` over the last dimension; see ``reference.bottleneck_adapter``."""
     if use_triton(x):
-        from biodistill.kernels.adapter import fused_bottleneck_adapter  # imports triton only when used
+        from .adapter import fused_bottleneck_adapter  # imports triton only when used
 
         return fused_bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)
     return reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)
@@ -56,7 +56,7 @@ def temperature_kl(
     ignores it). The fused kernel treats the teacher as a constant target."""
     kwargs = dict(mask=mask, labels=labels, ignore_index=ignore_index)
     if use_triton(student_logits):
-        from biodistill.kernels.kl import fused_temperature_kl  # imports triton only when used
+        from .kl import fused_temperature_kl  # imports triton only when used
 
         return fused_temperature_kl(
             student_logits, teacher_logits, temperature, reduction, scale_t2, inplace=inplace, **kwargs

@@ -116,7 +116,7 @@ def liger_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tens
 def bench_kl(args) -> str:
     """N rows x V, bf16 student / fp16 teacher (the engine's mixed-precision case), T = 2, batchmean.
     GB/s counts the 6V-bytes-per-row floor (read s and t, write the gradient once) for every provider."""
-    from biodistill.kernels.kl import fused_temperature_kl
+    from .kl import fused_temperature_kl
 
     device, N, T = args.device, args.rows, 2.0
     copy = copy_bandwidth_gbs(device, 1024 if device == "cuda" else 64)
@@ -169,8 +169,8 @@ def bench_kl(args) -> str:
 
 
 def bench_adapter(args) -> str:
-    from biodistill.kernels.adapter import fused_bottleneck_adapter
-    from biodistill.kernels.reference import bottleneck_adapter
+    from .adapter import fused_bottleneck_adapter
+    from .reference import bottleneck_adapter
 
     device, dtype = args.device, getattr(torch, args.dtype)
     M, H, R = args.tokens, args.hidden, args.hidden // args.reduction
@@ -216,7 +216,7 @@ def bench_adapter(args) -> str:
 
 def bench_step(args) -> str:
     """A MiniALBERT-312 masked-LM training step (forward, backward, AdamW), adapters fused vs eager."""
-    from biodistill.engine.minialbert import MiniAlbertConfig, MiniAlbertForMaskedLM
+    from ..engine.models.minialbert import MiniAlbertConfig, MiniAlbertForMaskedLM
 
     device, dtype = args.device, getattr(torch, args.dtype)
     config = (

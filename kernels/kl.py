@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from biodistill.kernels.reference import Reduction, kl_rows
+from .reference import Reduction, kl_rows
 
 ON_CHIP_MAX = 32768  # widest row kept in registers (32k fp32 x 2 over 32 warps: 64 values per thread)
 CHUNK = 4096  # block width when a row is streamed

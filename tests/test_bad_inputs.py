@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import minilm_dir, recipe_dict, swapped_student, write_recipe
 
-from biodistill.engine import cli, prepare
+from biodistill.engine import cli
+from biodistill.engine.data import cache as prepare
 from biodistill.engine.losses import LOSSES
 
 TERMS = [{"kind": "hidden_mse", "weight": 1.0, "layer_map": "last"}, {"kind": "logit_kl", "weight": 1.0}]
@@ -169,8 +170,8 @@ CASES = [
     ),
     Case(
         "corpus-of-unknown-format",
-        "{r}: data.train_files[0]: {tmp}/notes.docx: unknown format; expected .xml(.gz) (PubMed), .csv(.gz) "
-        "(NOTEEVENTS), .txt, .jsonl or .parquet",
+        "{r}: data.train_files[0]: {tmp}/notes.docx: unknown format; expected .xml(.gz) (PubMed or PMC), .nxml or "
+        ".tar.gz (PMC), .csv(.gz) (MIMIC-III NOTEEVENTS, MIMIC-IV-Note), .txt, .jsonl or .parquet",
         put("data.train_files", lambda tmp: [write("notes.docx", "text")(tmp)]),
     ),
     Case(
@@ -301,7 +302,7 @@ CASES = [
     ),
     Case(
         "corpus-too-small",
-        "{r}: data: found 1 usable document(s); need at least 2 (one held out)",
+        "{r}: data: found 1 usable document(s); need at least 2 (one held out). Per file: {tmp}/one.txt: 1 document(s)",
         put("data.train_files", lambda tmp: [write("one.txt", "A single abstract about sepsis.\n")(tmp)]),
         prepare=True,
     ),
@@ -365,7 +366,7 @@ def test_fp16_teacher_overflow_is_detected(tiny_teacher):
     """A real overflow: in fp16 a logit beyond 65504 is inf. The trainer's check sees it; fp32 is clean."""
     from transformers import AutoModelForMaskedLM
 
-    from biodistill.engine.models import Needs, encode
+    from biodistill.engine.models.outputs import Needs, encode
     from biodistill.engine.trainer import _nonfinite
 
     ids = torch.tensor([[101, 7592, 2088, 102]])

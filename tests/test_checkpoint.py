@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from biodistill.engine.checkpoint import META, find, needs_universal, write_atomic
+from biodistill.engine.runtime.checkpoint import META, find, needs_universal, write_atomic
 
 
 def tag(root, name, world=4, optim=True, meta=True):

@@ -10,7 +10,7 @@ import pytest
 from conftest import recipe_dict, write_recipe
 
 from biodistill.engine.config import ConfigError, load_recipe, parse_overrides
-from biodistill.engine.distributed import deepspeed_config
+from biodistill.engine.runtime.distributed import deepspeed_config
 
 
 @pytest.fixture

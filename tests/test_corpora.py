@@ -17,10 +17,11 @@ import torch
 from conftest import MINILM, minilm_dir
 from transformers import AutoTokenizer
 
-from biodistill.engine import corpora
 from biodistill.engine.config import ConfigError, DataConfig
-from biodistill.engine.data import MLMCollator, prepare
-from biodistill.engine.prepare import Chunker
+from biodistill.engine.data import corpora
+from biodistill.engine.data.batches import MLMCollator
+from biodistill.engine.data.cache import prepare
+from biodistill.engine.data.tokenise import Chunker
 
 ABSTRACTS = [
     "Hepatocellular carcinoma is the most common primary liver malignancy in adults.",
@@ -282,8 +283,8 @@ def test_error_mode_and_unusable_corpora_are_named(tmp_path, tokenizer):
     assert e.value.source == "recipe.yaml"
     empty = tmp_path / "NOTEEVENTS.csv"
     empty.write_text(NOTE_HEADER)
-    with pytest.raises(ConfigError, match="found 0 usable document"):
-        prep(tokenizer, tmp_path, train_files=[str(empty)])
+    with pytest.raises(ConfigError, match=r"NOTEEVENTS.csv: no note found in it \(no data rows\)"):
+        prep(tokenizer, tmp_path, train_files=[str(empty)])  # a header and nothing else is never a corpus
     assert not list((tmp_path / "cache").glob(".*tmp*"))  # nothing half-written left behind
 
 
@@ -337,7 +338,7 @@ def test_prepare_command(tmp_path):
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))
-    cmd = [sys.executable, "-m", "biodistill.engine.prepare", "--config", str(path), "--data.max_length", "48"]
+    cmd = [sys.executable, "-m", "biodistill.engine.data.cache", "--config", str(path), "--data.max_length", "48"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "documents read 4" in first.stdout and "skipped        1  malformed XML record" in first.stdout
@@ -352,7 +353,7 @@ def test_encoder_gives_the_tokenizer_s_own_ids(tokenizer, lowercase):
     """The ASCII fast path (normalised in Python, encoded without the normalizer) changes nothing."""
     from tokenizers import Tokenizer
 
-    from biodistill.engine.prepare import Encoder
+    from biodistill.engine.data.tokenise import Encoder
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec["normalizer"]["lowercase"] = lowercase

@@ -10,7 +10,8 @@ from conftest import minilm_dir
 from transformers import AutoTokenizer
 
 from biodistill.engine.config import ConfigError, DataConfig
-from biodistill.engine.data import MLMCollator, ShardedBatchSampler, cache_key, prepare
+from biodistill.engine.data.batches import MLMCollator, ShardedBatchSampler
+from biodistill.engine.data.cache import cache_key, prepare
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Fault injection on real 2-rank DeepSpeed jobs (CPU, gloo): SIGKILL at many points and exact resume,
 a rank that dies or stalls, NaN batches, a full disk while saving.
 
-Faults come from the engine's failpoints (``BIODISTILL_FAILPOINTS``, see engine/faults.py) or from the
+Faults come from the engine's failpoints (``BIODISTILL_FAILPOINTS``, see engine/runtime/faults.py) or from the
 test itself (SIGKILL of the whole process group at an arbitrary moment, a tmpfs that fills up).
 """
 

@@ -88,7 +88,7 @@ def test_dispatch_switch(monkeypatch):
 
 def test_minialbert_trains_the_same_with_the_kernel(monkeypatch):
     """A few AdamW steps of a small MiniALBERT with the fused adapters (interpreter) follow the reference run."""
-    from biodistill.engine.minialbert import MiniAlbertConfig, MiniAlbertForMaskedLM
+    from biodistill.engine.models.minialbert import MiniAlbertConfig, MiniAlbertForMaskedLM
 
     config = MiniAlbertConfig(
         vocab_size=200, embedding_size=16, hidden_size=64, num_attention_heads=4, intermediate_size=64

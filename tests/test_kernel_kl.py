@@ -262,7 +262,7 @@ def test_distillation_follows_the_reference_run(monkeypatch):
 
     from biodistill.engine.config import LossesConfig, LossTermConfig
     from biodistill.engine.losses import DistillationModel, build_terms
-    from biodistill.engine.models import Needs, encode
+    from biodistill.engine.models.outputs import Needs, encode
 
     def bert(layers, hidden, seed):
         torch.manual_seed(seed)

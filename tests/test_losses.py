@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from biodistill.engine.config import ConfigError, LossesConfig, LossTermConfig
 from biodistill.engine.losses import DistillationModel, build_terms
-from biodistill.engine.models import Needs, encode
+from biodistill.engine.models.outputs import Needs, encode
 from biodistill.kernels import temperature_kl
 
 

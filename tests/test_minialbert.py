@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from biodistill.engine.minialbert import (
+from biodistill.engine.models.minialbert import (
     MiniAlbertConfig,
     MiniAlbertForMaskedLM,
     MiniAlbertForSequenceClassification,
@@ -20,7 +20,7 @@ from biodistill.engine.minialbert import (
     MiniAlbertModel,
     from_published,
 )
-from biodistill.engine.models import Needs, encode
+from biodistill.engine.models.outputs import Needs, encode
 
 SMALL = dict(
     vocab_size=113, embedding_size=24, hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=3
@@ -144,7 +144,7 @@ def test_published_checkpoint_loads_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
     # The engine reads the same files through its config loader (students.load_config).
     from biodistill.engine.config import Recipe
-    from biodistill.engine.students import load_config
+    from biodistill.engine.models.students import load_config
 
     assert type(load_config(str(tmp_path / "published"), Recipe(), "student.path")) is MiniAlbertConfig
 

@@ -7,9 +7,9 @@ import torch
 from conftest import MINILM, make_bert, recipe_dict
 
 from biodistill.engine.config import ConfigError, Recipe, _convert
-from biodistill.engine.models import Needs, encode
-from biodistill.engine.students import build_student
-from biodistill.engine.teacher import load_teacher
+from biodistill.engine.models.outputs import Needs, encode
+from biodistill.engine.models.students import build_student
+from biodistill.engine.models.teacher import load_teacher
 
 
 def recipe(teacher, tmp_path, terms=({"kind": "mlm"},), **sections) -> Recipe:

@@ -10,12 +10,12 @@ import yaml
 from conftest import REPO, csv_metric, launch, summary
 from transformers import AutoConfig, AutoModel
 
-from biodistill.engine.architectures import published_config
 from biodistill.engine.config import ConfigError, load_recipe
 from biodistill.engine.losses import DistillationModel, build_terms
-from biodistill.engine.models import Needs, Outputs, hidden_size, num_heads, num_layers
-from biodistill.engine.smoke import smoke
-from biodistill.engine.students import build_student, load_config, student_config
+from biodistill.engine.models.outputs import Needs, Outputs, hidden_size, num_heads, num_layers
+from biodistill.engine.models.published import published_config
+from biodistill.engine.models.smoke import smoke
+from biodistill.engine.models.students import build_student, load_config, student_config
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 PUBLISHED = [p for p in RECIPES if p.stem != "demo"]

@@ -12,9 +12,9 @@ from test_corpora import ABSTRACTS, NOTE_HEADER, note
 from transformers import AutoTokenizer
 
 from biodistill.engine.config import ConfigError, DataConfig
-from biodistill.engine.data import MLMCollator
-from biodistill.engine.prepare import doc_hash
-from biodistill.engine.streaming import DocumentStream, StreamBatches, heldout_stream_batches
+from biodistill.engine.data.batches import MLMCollator
+from biodistill.engine.data.stream import DocumentStream, StreamBatches, heldout_stream_batches
+from biodistill.engine.data.tokenise import doc_hash
 
 
 @pytest.fixture(scope="module")

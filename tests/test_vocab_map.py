@@ -9,8 +9,8 @@ from conftest import launch, recipe_dict, summary, swapped_student, write_recipe
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from biodistill.engine.config import load_recipe
-from biodistill.engine.models import Needs, encode
-from biodistill.engine.teacher import VocabMap
+from biodistill.engine.data.tokenise import VocabMap
+from biodistill.engine.models.outputs import Needs, encode
 
 TERMS = [{"kind": "mlm"}, {"kind": "logit_kl", "weight": 2.0}, {"kind": "hidden_mse", "layer_map": [[2, 4]]}]
 
@@ -44,7 +44,7 @@ def test_mapped_teacher_sees_its_own_ids_and_answers_in_the_students(student, ti
 
 
 def test_preflight_accepts_a_mapped_student(student, tiny_teacher, tiny_corpus, tmp_path):
-    from biodistill.engine import preflight
+    from biodistill.engine import cli as preflight  # the start-up checks: cli.check
 
     recipe = recipe_dict(
         tiny_teacher, tiny_corpus, tmp_path, TERMS, student={"init": "checkpoint", "path": str(student)}

@@ -1,6 +1,6 @@
 """Teacher placement: memory per rank and step time for replicated, partitioned (ZeRO-3) and offload.
 
-    python -m biodistill.engine.bench_placement --ranks 2 --steps 12
+    python -m biodistill.engine.bench.placement --ranks 2 --steps 12
 
 Each placement is its own real ``deepspeed`` job (peak memory is per process) distilling a BERT-base
 shaped teacher (12 x 768, 110M parameters, random weights: placement does not care what they are)
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from biodistill.engine.config import resolve_path
+from ..config import resolve_path
 
 PLACEMENTS = ("replicated", "partitioned", "offload")
 

@@ -24,8 +24,8 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
-from biodistill.engine import faults
-from biodistill.engine.health import JobError
+from . import faults
+from .health import JobError
 
 log = logging.getLogger(__name__)
 

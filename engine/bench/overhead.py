@@ -1,7 +1,7 @@
 """Engine overhead: one training step of the Trainer against a minimal hand-written DeepSpeed loop
 doing the same work (same teacher, same initial student, same batches, same loss terms).
 
-    python -m biodistill.engine.bench --config configs/demo.yaml --steps 20
+    python -m biodistill.engine.bench.overhead --config configs/demo.yaml --steps 20
 
 Both run in this process under one DeepSpeed world, timed in alternating blocks so that machine
 drift hits both alike; the ratio of medians is printed. Target: the engine within 5% (ratio <= 1.05).
@@ -19,9 +19,9 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 
-from biodistill.engine.config import load_recipe
-from biodistill.engine.distributed import deepspeed_config
-from biodistill.engine.trainer import Trainer, param_groups
+from ..config import load_recipe
+from ..runtime.distributed import deepspeed_config
+from ..trainer import Trainer, param_groups
 
 
 def hand_written_step(engine, teacher, batch, pairs, weights) -> None:

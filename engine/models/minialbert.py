@@ -43,7 +43,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from biodistill.kernels import bottleneck_adapter
+from ...kernels import bottleneck_adapter
 
 
 class MiniAlbertConfig(PretrainedConfig):

@@ -1,5 +1,6 @@
-"""``biodistill-prepare --config recipe.yaml``: tokenise a corpus once into a memory-mapped Arrow cache
-that every rank and node of later jobs reads (they find it by the same key).
+"""The data cache: ``prepare`` finds a corpus's memory-mapped Arrow cache by its key (sources, tokenizer,
+chunking and split options) or builds it; ``biodistill-prepare --config recipe.yaml`` builds it ahead of
+the job, once for every rank and node of later jobs.
 
 Two phases, so that the expensive one runs in parallel and the exact one sees everything:
 1. per file, in ``data.num_workers`` processes: read documents (``corpora.py``), tokenise them in
@@ -30,89 +31,96 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from biodistill.engine import corpora
-from biodistill.engine.config import ConfigError, DataConfig, data_files
+from ..config import ConfigError, DataConfig, data_files
+from . import corpora
+from .tokenise import Chunker, Encoder, doc_hash, recipe_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
+CACHE_FORMAT = 3  # bump when the cached layout, a reader or the chunking rule changes
 ENCODE_BATCH = 1000  # documents per tokenizer call and per Arrow record batch
 _DOC_SCHEMA = pa.schema([("key", pa.int64()), ("hash", pa.float64()), ("ids", pa.list_(pa.int32()))])
 _SEQ_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
 
 
-def read_options(data: DataConfig) -> corpora.ReadOptions:
-    return corpora.ReadOptions(
-        text_field=data.text_field,
-        note_categories=tuple(data.note_categories),
-        deid=data.deid,
-        require_abstract=data.require_abstract,
-        on_bad_input=data.on_bad_input,
+# ------------------------------------------------------------------------ the cache: find or build
+
+
+def _source_fingerprint(data: DataConfig, source: str) -> list:
+    if data.dataset:
+        return [data.dataset, data.dataset_config, data.dataset_split]
+    out = []
+    for _, path in data_files(data, source):
+        st = path.stat()
+        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(data: DataConfig, tokenizer) -> str:
+    key = {
+        "format": CACHE_FORMAT,
+        "sources": _source_fingerprint(data, "data.train_files"),
+        "text_field": data.text_field,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": data.max_length,
+        "packing": data.packing,
+        "long_documents": data.long_documents,
+        "note_categories": sorted(c.lower() for c in data.note_categories),
+        "note_types": sorted(c.upper() for c in data.note_types),
+        "pmc": [data.pmc_parts, data.pmc_section_titles, data.pmc_require_body],
+        "deid": data.deid,
+        "require_abstract": data.require_abstract,
+        "heldout_fraction": data.heldout_fraction,
+        "seed": data.seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare(data: DataConfig, tokenizer, source: str, is_builder: bool, barrier: Callable[[], None]):
+    """Return ``(DatasetDict(train, heldout), info)``, tokenising only if no cache matches.
+
+    One process per node (``is_builder``) builds; the others wait at ``barrier`` then read the cache.
+    The cache directory appears whole or not at all: it is written under a temporary name and renamed.
+    """
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
+        raise ConfigError(
+            source, "teacher.path", "the tokenizer needs [CLS], [SEP] and [MASK] tokens for masked-LM data"
+        )
+    root = Path(data.cache_dir).expanduser()
+    final = root / cache_key(data, tokenizer)
+    built = False
+    if is_builder and not (final / "meta.json").is_file():
+        build(data, tokenizer, source, final, progress=is_builder)
+        built = True
+    barrier()
+    if not (final / "meta.json").is_file():
+        raise RuntimeError(f"data cache {final} was not built; is data.cache_dir shared between the ranks of a node?")
+    # Memory-mapped: every rank of a node shares the page cache, whatever the corpus size.
+    splits = datasets.DatasetDict(
+        {name: datasets.Dataset.from_file(str(final / f"{name}.arrow")) for name in ("train", "heldout")}
     )
-
-
-def doc_hash(key, seed: int) -> float:
-    """A document's place in [0, 1) for the held-out split: a pure function of its key and the seed."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
+    info = json.loads((final / "meta.json").read_text())
+    info.update(path=str(final), from_cache=not built)
+    return splits, info
 
 
 # --------------------------------------------------------------------------- phase 1: tokenise
-
-# BertNormalizer's clean_text on ASCII: control characters go, tab / newline / return become spaces.
-_ASCII_CLEAN = {i: None for i in [*range(32), 127] if i not in (9, 10, 13)} | {9: " ", 10: " ", 13: " "}
-
-
-class Encoder:
-    """Token ids without special tokens, from the tokenizer's Rust backend.
-
-    BERT tokenizers spend about 40% of their time in BertNormalizer (Unicode cleaning, accent
-    stripping, lowercasing), which on ASCII text reduces to ``str.translate`` + ``str.lower``. So ASCII
-    documents (most of PubMed and MIMIC) are normalised here and encoded without the normalizer; the
-    rest take the full path. The ids are identical either way (tests/test_corpora.py checks).
-    """
-
-    def __init__(self, tokenizer_json: str):
-        from tokenizers import Tokenizer
-
-        self.full = Tokenizer.from_str(tokenizer_json)
-        self.full.no_truncation()
-        self.full.no_padding()
-        normalizer = json.loads(tokenizer_json).get("normalizer") or {}
-        self.ascii = None
-        if normalizer.get("type") == "BertNormalizer":
-            self.clean, self.lower = normalizer.get("clean_text", True), normalizer.get("lowercase", True)
-            self.ascii = Tokenizer.from_str(tokenizer_json)
-            self.ascii.normalizer = None
-            self.ascii.no_truncation()
-            self.ascii.no_padding()
-
-    def __call__(self, texts: list[str]) -> list[list[int]]:
-        if self.ascii is None:
-            return [e.ids for e in self.full.encode_batch_fast(texts, add_special_tokens=False)]
-        fast = [i for i, t in enumerate(texts) if t.isascii()]
-        out: list[list[int]] = [[] for _ in texts]
-        prepared = [texts[i].translate(_ASCII_CLEAN) if self.clean else texts[i] for i in fast]
-        prepared = [t.lower() for t in prepared] if self.lower else prepared
-        for i, e in zip(fast, self.ascii.encode_batch_fast(prepared, add_special_tokens=False)):
-            out[i] = e.ids
-        if len(fast) < len(texts):
-            rest = [i for i, t in enumerate(texts) if not t.isascii()]
-            for i, e in zip(rest, self.full.encode_batch_fast([texts[i] for i in rest], add_special_tokens=False)):
-                out[i] = e.ids
-        return out
 
 
 @dataclass
 class FileResult:
     shard: str
+    source: str = ""  # the corpus file (or dataset) it was read from
     documents: int = 0
     tokens: int = 0
     deletions: list[int] = field(default_factory=list)
@@ -141,7 +149,7 @@ def _write_docs(writer, keys: list[int], hashes: list[float], ids: list[list[int
 
 def _tokenise_file(job: _Job, progress: Optional[tqdm] = None) -> FileResult:
     encode = Encoder(job.tokenizer_json)
-    result = FileResult(str(job.shard))
+    result = FileResult(str(job.shard), str(job.path))
     keys, hashes, texts = [], [], []
 
     def flush(writer):
@@ -190,7 +198,7 @@ def _dataset_job(data: DataConfig, shard: Path, tokenizer_json: str, source: str
             f"its columns are {part.column_names}",
         )  # fmt: skip
     encode = Encoder(tokenizer_json)
-    result = FileResult(str(shard))
+    result = FileResult(str(shard), data.dataset)
     with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, _DOC_SCHEMA) as writer:
         for start in range(0, len(part), ENCODE_BATCH):
             rows = part[start : start + ENCODE_BATCH][data.text_field]
@@ -202,14 +210,6 @@ def _dataset_job(data: DataConfig, shard: Path, tokenizer_json: str, source: str
     return result
 
 
-def require_known_format(source: str, key: str, path: Path) -> None:
-    if corpora.detect_format(path) is None:
-        raise ConfigError(
-            source, key, f"{path}: unknown format; expected .xml(.gz) (PubMed), .csv(.gz) (NOTEEVENTS), "
-            ".txt, .jsonl or .parquet",
-        )  # fmt: skip
-
-
 def tokenise(data: DataConfig, tokenizer, source: str, work: Path, progress: bool) -> list[FileResult]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -219,8 +219,8 @@ def tokenise(data: DataConfig, tokenizer, source: str, work: Path, progress: boo
         return [_dataset_job(data, work / "docs-0.arrow", tokenizer_json, source)]
     files = data_files(data, source)
     for key, path in files:
-        require_known_format(source, key, path)
-    options = read_options(data)
+        corpora.require_known_format(source, key, path)
+    options = corpora.read_options(data)
     jobs = [
         _Job(i, path, key, source, work / f"docs-{i}.arrow", options, tokenizer_json, data.seed,
              corpora.detect_format(path) == "pubmed")
@@ -308,47 +308,6 @@ def latest_versions(results: list[FileResult]) -> tuple[list[np.ndarray], int, i
     return masks, n_superseded, n_deleted
 
 
-class Chunker:
-    """Token lists of documents -> ``[CLS] ... [SEP]`` sequences of at most ``max_length``, vectorised.
-    Packing carries the unfinished block from one batch of documents to the next."""
-
-    def __init__(self, max_length: int, cls_id: int, sep_id: int, packing: bool, long_documents: str):
-        self.body, self.cls, self.sep = max_length - 2, cls_id, sep_id
-        self.packing, self.split = packing, long_documents == "split"
-        self.carry = np.empty(0, np.int32)
-
-    def __call__(self, values: np.ndarray, lengths: np.ndarray) -> Optional[pa.Array]:
-        body = self.body
-        if self.packing:
-            ends = np.cumsum(lengths)
-            stream = np.concatenate([self.carry, np.insert(values, ends, self.sep)])
-            n = len(stream) // body
-            self.carry = stream[n * body :]
-            if n == 0:
-                return None
-            blocks = stream[: n * body].reshape(n, body)
-            out = np.hstack([np.full((n, 1), self.cls, np.int32), blocks, np.full((n, 1), self.sep, np.int32)])
-            return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * (body + 2)), out.ravel())
-        if self.split:
-            pieces = (lengths + body - 1) // body
-            piece_lens = np.full(int(pieces.sum()), body, np.int64)
-            piece_lens[np.cumsum(pieces) - 1] = lengths - (pieces - 1) * body
-        else:  # truncate: the first body tokens of each document
-            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-            values = values[(np.arange(len(values)) - starts) < body]
-            piece_lens = np.minimum(lengths, body)
-        if len(piece_lens) == 0:
-            return None
-        offsets = np.zeros(len(piece_lens) + 1, np.int64)
-        np.cumsum(piece_lens + 2, out=offsets[1:])
-        out = np.empty(offsets[-1], np.int32)
-        is_body = np.ones(offsets[-1], bool)
-        is_body[offsets[:-1]] = is_body[offsets[1:] - 1] = False
-        out[offsets[:-1]], out[offsets[1:] - 1] = self.cls, self.sep
-        out[is_body] = values
-        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), out)
-
-
 def write_splits(results: list[FileResult], keep: list[np.ndarray], data: DataConfig, tokenizer, out_dir: Path) -> dict:
     """Choose the held-out documents, chunk both splits, write ``train.arrow`` and ``heldout.arrow``."""
     hashes = np.concatenate([_shard_column(r, "hash", np.float64)[k] for r, k in zip(results, keep)])
@@ -404,7 +363,10 @@ def build(data: DataConfig, tokenizer, source: str, final: Path, progress: bool 
         keep, superseded, deleted = latest_versions(results)
         kept = int(sum(k.sum() for k in keep))
         if kept < 2:
-            raise ConfigError(source, "data", f"found {kept} usable document(s); need at least 2 (one held out)")
+            raise ConfigError(
+                source, "data", f"found {kept} usable document(s); need at least 2 (one held out). Per file: "
+                + "; ".join(_what_was_found(r) for r in results),
+            )  # fmt: skip
         meta = write_splits(results, keep, data, tokenizer, tmp)
         for name, n in meta["sequences"].items():
             if n == 0:
@@ -442,6 +404,12 @@ def build(data: DataConfig, tokenizer, source: str, final: Path, progress: bool 
     return meta
 
 
+def _what_was_found(result: FileResult) -> str:
+    """``path: N documents, skipped M as <reason>, ...``: which file to fix, and why."""
+    skipped = ", ".join(f"{n} {reason}" for reason, n in result.skipped.most_common())
+    return f"{result.source}: {result.documents} document(s)" + (f", skipped {skipped}" if skipped else "")
+
+
 def format_summary(info: dict) -> str:
     lines = [
         f"prepared {info['path']}" + (" (already there: nothing to do)" if info.get("from_cache") else ""),
@@ -475,28 +443,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
-    from biodistill.engine import data
-    from biodistill.engine.config import load_recipe
+    from ..config import load_recipe
+    from ..runtime import hub
 
+    hub.decide()
     try:
         recipe = load_recipe(args.config, overrides)
-        _, info = data.prepare(recipe.data, recipe_tokenizer(recipe), recipe.source, True, lambda: None)
+        _, info = prepare(recipe.data, recipe_tokenizer(recipe), recipe.source, True, lambda: None)
     except ConfigError as e:
         print(f"biodistill-prepare: error: {e}", file=sys.stderr, flush=True)
         return 2
     print(format_summary(info))
     return 0
-
-
-def recipe_tokenizer(recipe):
-    """The tokenizer a recipe's jobs use: the teacher's; the student checkpoint's without a teacher or
-    with ``teacher.vocab_map``."""
-    from transformers import AutoTokenizer
-
-    from biodistill.engine.teacher import model_location
-
-    own = recipe.student.path and (recipe.teacher.vocab_map or not recipe.teacher.path)
-    return AutoTokenizer.from_pretrained(model_location(recipe.student.path if own else recipe.teacher.path))
 
 
 if __name__ == "__main__":

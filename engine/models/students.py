@@ -16,11 +16,11 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
 
-from biodistill.engine import minialbert
-from biodistill.engine.architectures import published_config
-from biodistill.engine.config import ConfigError, Recipe
-from biodistill.engine.models import Needs, attn_implementation, has_mlm_head, num_layers
-from biodistill.engine.teacher import model_location
+from ..config import ConfigError, Recipe, model_location
+from ..runtime import hub
+from . import minialbert
+from .outputs import Needs, attn_implementation, has_mlm_head, num_layers
+from .published import published_config
 
 # "encoder.layer.7.attention..." (BERT, RoBERTa), "transformer.layer.7..." (DistilBERT)
 _LAYER_KEY = re.compile(r"^(.*?\blayers?)\.(\d+)\.(.*)$")
@@ -28,13 +28,13 @@ _LAYER_KEY = re.compile(r"^(.*?\blayers?)\.(\d+)\.(.*)$")
 
 def load_config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
     """The config of ``path``: the checkpoint's own, or, when it cannot be fetched (offline), the
-    published shape from :mod:`~biodistill.engine.architectures`. Planning needs no weights."""
+    published shape from :mod:`~biodistill.engine.models.published`. Planning needs no weights."""
     try:
         return minialbert.resolve_config(AutoConfig.from_pretrained(model_location(path)))
     except (OSError, ValueError) as e:
         published = published_config(path)
         if published is None:
-            raise ConfigError(recipe.source, key, f"cannot load a model config from {path!r}: {e}") from None
+            raise ConfigError(recipe.source, key, hub.load_error(path, e, "model config")) from None
         return published
 
 
@@ -71,21 +71,28 @@ def student_config(
     return base
 
 
-def _new(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch.nn.Module:
+def new_student(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch.nn.Module:
+    """A randomly initialised student of ``config``, with an MLM head if the recipe keeps one."""
     cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
     kwargs = {"attn_implementation": attn_implementation(needs)} if attn_implementation(needs) else {}
     return cls.from_config(config, dtype=torch.float32, **kwargs)
 
 
+def parameter_count(recipe: Recipe, config: PretrainedConfig) -> int:
+    """The student's parameters, counted on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in new_student(recipe, config, Needs()).parameters())
+
+
 def from_config(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
-    return _new(recipe, student_config(recipe, teacher.config if teacher is not None else None), needs)
+    return new_student(recipe, student_config(recipe, teacher.config if teacher is not None else None), needs)
 
 
 def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
     """Embeddings plus ``student.teacher_layers`` (0-indexed) of the teacher, in that order; the MLM head
     too when both models have one."""
     layers = recipe.student.teacher_layers
-    student = _new(recipe, student_config(recipe, teacher.config), needs)
+    student = new_student(recipe, student_config(recipe, teacher.config), needs)
     source = {}
     for key, value in teacher.base_model.state_dict().items():
         match = _LAYER_KEY.match(key)
@@ -136,9 +143,7 @@ def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Mod
     try:
         model = cls.from_pretrained(model_location(recipe.student.path), **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(
-            recipe.source, "student.path", f"cannot load a model from {recipe.student.path!r}: {e}"
-        ) from None
+        raise ConfigError(recipe.source, "student.path", hub.load_error(recipe.student.path, e)) from None
     return model
 
 

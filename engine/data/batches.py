@@ -1,4 +1,4 @@
-"""Text in, masked batches out: read, split by document, tokenise once into a cache, mask, shard.
+"""Sequences in, masked micro-batches out: the MLM collator, the sharded sampler, the loaders.
 
 Determinism is what makes resume exact and data sharding auditable:
 - the held-out split is a seeded split of documents, before chunking, so no document straddles it;
@@ -10,98 +10,13 @@ Determinism is what makes resume exact and data sharding auditable:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from biodistill.engine.config import ConfigError, DataConfig, data_files
-
-log = logging.getLogger(__name__)
-
-CACHE_FORMAT = 2  # bump when the cached layout, a reader or the chunking rule changes
-
-
-# ------------------------------------------------------------------------------ tokenising + cache
-
-
-def _source_fingerprint(data: DataConfig, source: str) -> list:
-    if data.dataset:
-        return [data.dataset, data.dataset_config, data.dataset_split]
-    out = []
-    for _, path in data_files(data, source):
-        st = path.stat()
-        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """What decides the token ids: vocabulary, normaliser, pre-tokeniser, model, added tokens. The
-    backend's truncation/padding state is left out: calling the tokenizer changes it."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
-    else:
-        state = tokenizer.get_vocab()
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-
-
-def cache_key(data: DataConfig, tokenizer) -> str:
-    key = {
-        "format": CACHE_FORMAT,
-        "sources": _source_fingerprint(data, "data.train_files"),
-        "text_field": data.text_field,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_length": data.max_length,
-        "packing": data.packing,
-        "long_documents": data.long_documents,
-        "note_categories": sorted(c.lower() for c in data.note_categories),
-        "deid": data.deid,
-        "require_abstract": data.require_abstract,
-        "heldout_fraction": data.heldout_fraction,
-        "seed": data.seed,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def prepare(data: DataConfig, tokenizer, source: str, is_builder: bool, barrier: Callable[[], None]):
-    """Return ``(DatasetDict(train, heldout), info)``, tokenising only if no cache matches.
-
-    One process per node (``is_builder``) builds; the others wait at ``barrier`` then read the cache.
-    The cache directory appears whole or not at all: it is written under a temporary name and renamed.
-    """
-    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
-        raise ConfigError(
-            source, "teacher.path", "the tokenizer needs [CLS], [SEP] and [MASK] tokens for masked-LM data"
-        )
-    root = Path(data.cache_dir).expanduser()
-    final = root / cache_key(data, tokenizer)
-    built = False
-    if is_builder and not (final / "meta.json").is_file():
-        from biodistill.engine.prepare import build  # the corpus readers and the tokenising pipeline
-
-        build(data, tokenizer, source, final, progress=is_builder)
-        built = True
-    barrier()
-    if not (final / "meta.json").is_file():
-        raise RuntimeError(f"data cache {final} was not built; is data.cache_dir shared between the ranks of a node?")
-    # Memory-mapped: every rank of a node shares the page cache, whatever the corpus size.
-    splits = datasets.DatasetDict(
-        {name: datasets.Dataset.from_file(str(final / f"{name}.arrow")) for name in ("train", "heldout")}
-    )
-    info = json.loads((final / "meta.json").read_text())
-    info.update(path=str(final), from_cache=not built)
-    return splits, info
-
-
-# -------------------------------------------------------------------------------- masking, batches
+from ..config import ConfigError
 
 
 class MaskedBatches:

@@ -18,44 +18,13 @@ import deepspeed
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from biodistill.engine.config import ConfigError, Recipe, resolve_path
-from biodistill.engine.models import Needs, attn_implementation, mlm_head
+from ..config import ConfigError, Recipe, model_location
+from ..runtime import hub
+from .outputs import Needs, attn_implementation, mlm_head
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class VocabMap:
-    """Student token ids -> teacher token ids through token strings (``teacher.vocab_map: by_token``).
-
-    The teacher reads the student's sequences with its own ids (a token it lacks becomes its [UNK]), and
-    its logits come back over the student's vocabulary: column i is the teacher's logit of student token
-    i, or a very low logit where the teacher has no such token (no probability, and no inf in the KL).
-    """
-
-    LOW = -1e4
-
-    def __init__(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int):
-        teacher_vocab = teacher_tokenizer.get_vocab()
-        self.ids = torch.full((student_vocab_size,), teacher_tokenizer.unk_token_id, dtype=torch.long)
-        self.known = torch.zeros(student_vocab_size, dtype=torch.bool)
-        for token, i in student_tokenizer.get_vocab().items():
-            j = teacher_vocab.get(token)
-            if j is not None and i < student_vocab_size:
-                self.ids[i], self.known[i] = j, True
-        self.coverage = self.known.sum().item() / max(len(student_tokenizer), 1)
-
-    def to(self, device) -> VocabMap:
-        self.ids, self.known = self.ids.to(device), self.known.to(device)
-        return self
-
-    def inputs(self, student_ids: torch.Tensor) -> torch.Tensor:
-        return self.ids[student_ids]
-
-    def logits(self, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """[rows, V_teacher] -> [rows, V_student]."""
-        return teacher_logits[:, self.ids].masked_fill(~self.known, self.LOW)
 
 
 def seen_by_terms(recipe: Recipe, teacher_config, student_config):
@@ -74,12 +43,6 @@ def teacher_dtype(choice: str, device: torch.device) -> torch.dtype:
     return _DTYPES[choice]
 
 
-def model_location(path: str) -> str:
-    """A local directory (pkg:// resolved) or the hub name as given."""
-    local = resolve_path(path)
-    return str(local) if local.exists() or path.startswith("pkg://") else path
-
-
 def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn.Module:
     """Load ``teacher.path``; with a masked-LM head only when a loss term needs logits."""
     location = model_location(recipe.teacher.path)
@@ -91,9 +54,7 @@ def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn
     try:
         model, info = cls.from_pretrained(location, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(
-            recipe.source, "teacher.path", f"cannot load a model from {recipe.teacher.path!r}: {e}"
-        ) from None
+        raise ConfigError(recipe.source, "teacher.path", hub.load_error(recipe.teacher.path, e)) from None
     if needs.logits:
         head_params = {n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")}
         missing = [k for k in info.get("missing_keys", []) if k in head_params]

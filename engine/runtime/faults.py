@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from biodistill.engine.config import ConfigError
+from ..config import ConfigError
 
 ENV = "BIODISTILL_FAILPOINTS"
 ACTIONS = ("kill", "stall", "ioerror", "nan")

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from biodistill.engine.distributed import release_shared_memory
+from .distributed import release_shared_memory
 
 
 class JobError(RuntimeError):
