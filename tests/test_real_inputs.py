@@ -482,12 +482,14 @@ def invented_corpora(root: Path) -> tuple[Path, Path]:
 @pytest.mark.multirank
 def test_two_rank_job_on_a_pmc_package_and_mimic_iv_under_transformers_zero2_json(tmp_path, tiny_teacher):
     package, discharge = invented_corpora(tmp_path)
-    (tmp_path / "ds_config_zero2.json").write_text(json.dumps(
-        {**HF_ZERO2, "zero_optimization": {**HF_ZERO2["zero_optimization"], "offload_optimizer": {"device": "none"}}}
-    ))  # fmt: skip
-    recipe = recipe_dict(tiny_teacher, package, tmp_path, [{"kind": "hidden_mse"}, {"kind": "logit_kl"}],
-                         data={"train_files": [str(package), str(discharge)], "deid": "normalise"},
-                         train={"max_steps": 12, "export": False, "eval_batches": 4})  # fmt: skip
+    (tmp_path / "ds_config_zero2.json").write_text(json.dumps(HF_ZERO2, indent=4))  # as documented: CPU offload
+    recipe = recipe_dict(
+        tiny_teacher, package, tmp_path, [{"kind": "hidden_mse"}, {"kind": "logit_kl"}],
+        student={"init": "config", "overrides": {"num_hidden_layers": 2}},  # random: the loss has to fall
+        data={"train_files": [str(package), str(discharge)], "deid": "normalise"},
+        train={"max_steps": 10, "export": False, "eval_batches": 4},
+    )  # fmt: skip
+    recipe["student"].pop("teacher_layers")
     proc = launch(
         write_recipe(tmp_path / "r.yaml", recipe), "--deepspeed_config", str(tmp_path / "ds_config_zero2.json")
     )
@@ -497,3 +499,28 @@ def test_two_rank_job_on_a_pmc_package_and_mimic_iv_under_transformers_zero2_jso
     assert s["after"]["loss/total"] < s["before"]["loss/total"]
     resolved = json.loads((tmp_path / "run" / "deepspeed_config.json").read_text())
     assert no_auto(resolved) and resolved["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+
+
+@pytest.mark.multirank
+def test_one_process_job_under_transformers_zero3_json_with_cpu_offload(tmp_path, tiny_teacher):
+    """The documented ZeRO-3 file as it is (optimizer and parameters offloaded to CPU: DeepSpeedCPUAdam),
+    in one process without the launcher, on the same inputs."""
+    package, discharge = invented_corpora(tmp_path)
+    (tmp_path / "ds_config_zero3.json").write_text(json.dumps(HF_ZERO3, indent=4))
+    recipe = recipe_dict(
+        tiny_teacher, package, tmp_path, [{"kind": "hidden_mse"}],
+        student={"init": "config", "overrides": {"num_hidden_layers": 2}},
+        data={"train_files": [str(package), str(discharge)]}, train={"max_steps": 6, "export": False},
+    )  # fmt: skip
+    recipe["student"].pop("teacher_layers")
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    cmd = [sys.executable, "-m", "biodistill.engine", "--config", str(path)]
+    proc = subprocess.run([*cmd, "--deepspeed_config", str(tmp_path / "ds_config_zero3.json")], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = summary(tmp_path / "run")
+    assert s["job"]["zero_stage"] == 3 and s["job"]["world_size"] == 1
+    assert s["after"]["loss/total"] < s["before"]["loss/total"]
+    resolved = json.loads((tmp_path / "run" / "deepspeed_config.json").read_text())
+    assert no_auto(resolved) and resolved["zero_optimization"]["stage3_param_persistence_threshold"] == 640
+    assert resolved["scheduler"]["params"]["total_num_steps"] == 6

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 
 import deepspeed
@@ -55,10 +56,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side (after 2 warm-up steps each)")
     parser.add_argument("--block", type=int, default=5, help="steps per alternating block")
     args, overrides = parser.parse_known_args(argv)
+    # Its own scratch output: a benchmark never writes into (or is refused by) a real run's checkpoints.
+    scratch = tempfile.mkdtemp(prefix="biodistill-bench-")
     recipe = load_recipe(
         args.config,
-        ["--train.export", "false", "--deepspeed.tensorboard", "false", "--deepspeed.csv", "false", *overrides],
-    )
+        ["--train.export", "false", "--deepspeed.tensorboard", "false", "--deepspeed.csv", "false",
+         "--train.output_dir", scratch, *overrides],
+    )  # fmt: skip
     kinds = {t.kind for t in recipe.losses.terms}
     if not kinds <= {"hidden_cosine", "hidden_mse", "attention_kl"} or any(
         t.layer_map != "uniform" for t in recipe.losses.terms
