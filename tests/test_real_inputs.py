@@ -304,6 +304,8 @@ def test_mimic_iv_note(tmp_path):
         ]
     )
     removed = list(corpora.read(path, corpora.ReadOptions(deid="remove", note_types=("rr",)), Counter()))
+    # A filter that keeps nothing of this file (radiology notes only, say) is a choice, not an empty file.
+    assert list(corpora.read(path, corpora.ReadOptions(note_types=("AR",)), Counter())) == []
     assert removed == [("10000084-RR-5", 'EXAMINATION:  CHEST (PA AND LAT)\nIMPRESSION: No "acute" process.')]
 
 

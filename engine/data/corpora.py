@@ -141,7 +141,7 @@ def read(path: Path, options: ReadOptions, skipped: Counter) -> Iterator[tuple[K
     except (EOFError, gzip.BadGzipFile, zlib.error, tarfile.ReadError) as e:
         # Everything before the damage has been yielded; what the damage hid cannot be counted.
         bad(f"truncated or corrupt gzip ({type(e).__name__}: {e}); the rest of the file is unreadable")
-    if yielded == 0 and bad.count == 0:  # nothing yielded and nothing counted: the file is not what its name says
+    if yielded == bad.count == bad.filtered == 0:  # nothing yielded, counted or filtered: not what its name says
         raise BadInput(f"{path}: no {_WHAT[fmt]} found in it ({_found_instead(path, fmt)})")
 
 
@@ -185,6 +185,7 @@ class _Bad:
     def __init__(self, path: Path, options: ReadOptions, skipped: Counter):
         self.path, self.raise_, self.skipped = path, options.on_bad_input == "error", skipped
         self.count = 0  # records counted for this file
+        self.filtered = 0  # records left out by a filter the user asked for (not bad input, not silence)
 
     def __call__(self, reason: str, where: str = "") -> None:
         if self.raise_:
@@ -346,6 +347,8 @@ _JATS_DROP = {
 _MARKER_XREFS = {"bibr", "fig", "table", "supplementary-material", "fn", "table-fn", "disp-formula", "scheme"}
 _EMPTY_BRACKETS = re.compile(r"\s*[\[(][\s,;\u2013\u2014-]*[\])]")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:)\]])")
+# Elements whose paragraphs are the section's own, in order (a list's items, a boxed text, a quote).
+_PARAGRAPH_CONTAINERS = {"list", "list-item", "boxed-text", "disp-quote", "statement", "def-list", "def-item", "def"}
 
 
 def _local(tag) -> str:
@@ -379,16 +382,18 @@ def _paragraphs(container, options: ReadOptions, label: str = "") -> list[str]:
     for child in container:
         tag = _local(child.tag)
         if tag == "sec":
-            title = _clean(_jats_text(child.find("title"))) if child.find("title") is not None else ""
-            out += _paragraphs(child, options, title if options.pmc_section_titles == "label" else "")
+            title = child.find("title")
+            labelled = options.pmc_section_titles == "label" and title is not None
+            out += _paragraphs(child, options, _clean(_jats_text(title)) if labelled else "")
         elif tag == "p":
             text = _clean(_jats_text(child))
             if text:
                 out.append(f"{label}: {text}" if label else text)
                 label = ""
-        elif tag in ("list", "list-item", "boxed-text", "disp-quote", "statement", "def-list", "def-item", "def"):
-            out += _paragraphs(child, options, label)
-            label = "" if out else label
+        elif tag in _PARAGRAPH_CONTAINERS:
+            inner = _paragraphs(child, options, label)
+            label = "" if inner else label  # the label went to the container's first paragraph
+            out += inner
     return out
 
 
@@ -532,9 +537,9 @@ def _read_noteevents(path: Path, options: ReadOptions, bad: _Bad) -> Iterator[tu
             if kind == "III" and row[col["ISERROR"]].strip() not in ("", "0"):
                 bad("ISERROR note (flagged as an error by the caregiver)", f"line {line}")
                 continue
-            if kind == "III" and keep and row[col["CATEGORY"]].strip().lower() not in keep:
-                continue  # a filter the user asked for, not bad input: counted by the caller's totals
-            if kind == "IV" and keep and row[col["NOTE_TYPE"]].strip().upper() not in keep:
+            value = row[col["CATEGORY"]].strip().lower() if kind == "III" else row[col["NOTE_TYPE"]].strip().upper()
+            if keep and value not in keep:
+                bad.filtered += 1  # a filter the user asked for, not bad input
                 continue
             text = row[col["TEXT"]]
             ident = row[col["ROW_ID" if kind == "III" else "NOTE_ID"]].strip()
