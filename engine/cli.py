@@ -45,38 +45,23 @@ def parse_args(argv: list[str] | None = None):
 def check(recipe: Recipe, resume: Optional[str]) -> None:
     """The start-up checks: everything that can be found wrong without weights, a process group or a
     GPU, each failure a ConfigError naming the key at fault. The world first (paths, writable
-    directories, the resume target), then the corpus formats, then the models' configs: copied layers,
-    every loss term's layer map, the tokenizers, and room on disk for a checkpoint of this student."""
+    directories, the resume target, an offline node's cache), then the corpus formats, then the models'
+    configs: copied layers, position limits, every loss term's layer map, the tokenizers, and room on
+    disk for a checkpoint of this student."""
     from .data import corpora, tokenise
     from .losses import build_terms
-    from .models.outputs import position_limit
-    from .models.students import parameter_count, student_config, teacher_config
+    from .models.students import check_positions, parameter_count, student_config, teacher_config
     from .models.teacher import seen_by_terms
-    from .runtime import hub, preflight
+    from .runtime import preflight
 
     r = recipe
     preflight.check(r, resume)
-    needed = [("teacher.path", r.teacher.path, True)]  # (key, model, weights needed)
-    needed.append(("student.path", r.student.path, r.student.init == "checkpoint"))
-    for key, name, weights in needed:
-        missing = hub.check_cached(name, weights) if name else None
-        if missing:  # an offline node: fail now, not after the process group and the retries
-            raise ConfigError(r.source, key, missing)
     if r.data.train_files:
         for key, path in data_files(r.data, r.source):
             corpora.require_known_format(r.source, key, path)
     teacher = teacher_config(r)
     student = student_config(r, teacher)  # student.teacher_layers against the teacher
-    models = [("the teacher", r.teacher.path, teacher)]
-    models.append(("the student", r.student.path or "its config from the teacher's and student.overrides", student))
-    for role, where, config in models:  # positions: else the first long batch fails mid-job
-        limit = position_limit(config) if config is not None else None
-        if limit is not None and r.data.max_length > limit:
-            raise ConfigError(
-                r.source, "data.max_length",
-                f"{r.data.max_length} tokens is longer than {role} has positions for: {limit} "
-                f"({config.model_type}, {where}); set data.max_length {limit} or less",
-            )  # fmt: skip
+    check_positions(r, teacher, student)  # data.max_length against both models' position embeddings
     build_terms(r.losses, student, seen_by_terms(r, teacher, student), r.source)  # every layer map
     tokenise.check_tokenizers(r, teacher, student)
     preflight.room_for_a_checkpoint(r, parameter_count(r, student))

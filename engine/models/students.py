@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, Pretrained
 from ..config import ConfigError, Recipe, model_location
 from ..runtime import hub
 from . import minialbert
-from .outputs import Needs, attn_implementation, has_mlm_head, num_layers
+from .outputs import Needs, attn_implementation, has_mlm_head, num_layers, position_limit
 from .published import published_config
 
 # "encoder.layer.7.attention..." (BERT, RoBERTa), "transformer.layer.7..." (DistilBERT)
@@ -69,6 +69,19 @@ def student_config(
             raise ConfigError(recipe.source, f"student.overrides.{key}", f"{type(base).__name__} has no field '{key}'")
         setattr(base, key, value)
     return base
+
+
+def check_positions(recipe: Recipe, teacher: Optional[PretrainedConfig], student: PretrainedConfig) -> None:
+    """``data.max_length`` fits both models' position embeddings: else the first long batch fails mid-job."""
+    where = recipe.student.path or "its config from the teacher's and student.overrides"
+    for role, name, config in (("the teacher", recipe.teacher.path, teacher), ("the student", where, student)):
+        limit = position_limit(config) if config is not None else None
+        if limit is not None and recipe.data.max_length > limit:
+            raise ConfigError(
+                recipe.source, "data.max_length",
+                f"{recipe.data.max_length} tokens is longer than {role} has positions for: {limit} "
+                f"({config.model_type}, {name}); set data.max_length {limit} or less",
+            )  # fmt: skip
 
 
 def new_student(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch.nn.Module:

@@ -7,7 +7,8 @@ the models' configs and layer maps (``models/students.py``, ``losses.py``) and t
 - every local path the recipe names exists and is readable (model directories with a valid
   config.json, corpora);
 - the output directory is writable, has room for a checkpoint, and holds no checkpoints a fresh start
-  would overwrite (``--resume`` continues them) - and ``--resume TAG`` names one that exists.
+  would overwrite (``--resume`` continues them) - and ``--resume TAG`` names one that exists;
+- on a node without the hub, every hub name the job loads is in the local cache.
 
 The recipe's values were checked when it loaded (config.validate); these are checks of the world.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, Recipe, data_files, is_local, resolve_path
-from . import checkpoint
+from . import checkpoint, hub
 
 # Bytes a checkpoint holds per student parameter: the weights (fp32, or bf16 with an fp32 master copy)
 # and AdamW's two fp32 moments. ZeRO shards change where the bytes go, not how many there are.
@@ -42,6 +43,11 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
     if r.data.train_files and not r.data.streaming:
         _writable(r, "data.cache_dir", resolve_path(r.data.cache_dir))
     resume_point(r, resume)
+    for key, name, weights in (("teacher.path", r.teacher.path, True),
+                               ("student.path", r.student.path, r.student.init == "checkpoint")):  # fmt: skip
+        missing = hub.check_cached(name, weights) if name else None
+        if missing:  # an offline node: fail now, not after the process group and the hub client's retries
+            raise ConfigError(r.source, key, missing)
 
 
 def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[tuple[str, dict]]:
