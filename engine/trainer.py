@@ -413,6 +413,8 @@ def heldout_metrics(trainer: Trainer) -> dict[str, float]:
     engine.eval()
     names = ["loss/total", *(f"loss/{n}" for n in model.term_names)]
     names += ["agreement/hidden_cosine", "agreement/top1", "student/mlm_loss"]
+    teacher_width = hidden_size(trainer.teacher.config) if trainer.teacher is not None else None
+    same_width = teacher_width == hidden_size(trainer.student.config)  # the cosine compares like with like
     sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
     for i, batch in enumerate(trainer.heldout):
         trainer._mark(trainer.pos.step, f"evaluation batch {i}")
@@ -420,9 +422,6 @@ def heldout_metrics(trainer: Trainer) -> dict[str, float]:
         batch = {k: v.to(trainer.dist.device) for k, v in batch.items()}
         teacher = trainer.teacher_outputs(batch, Needs(hidden_states=True))
         loss, values, student = engine(batch, teacher, Needs(hidden_states=True))
-        same_width = trainer.teacher is not None and hidden_size(trainer.student.config) == hidden_size(
-            trainer.teacher.config
-        )
         extra = agreement(batch, student, teacher, same_width)
         row = torch.cat([loss.detach().float().reshape(1).cpu(), values.cpu(), extra])
         sums += torch.nan_to_num(row)

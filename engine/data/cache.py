@@ -218,14 +218,12 @@ def tokenise(data: DataConfig, tokenizer, source: str, work: Path, progress: boo
     if data.dataset:
         return [_dataset_job(data, work / "docs-0.arrow", tokenizer_json, source)]
     files = data_files(data, source)
-    for key, path in files:
-        corpora.require_known_format(source, key, path)
+    formats = [corpora.require_known_format(source, key, path) for key, path in files]
     options = corpora.read_options(data)
     jobs = [
-        _Job(i, path, key, source, work / f"docs-{i}.arrow", options, tokenizer_json, data.seed,
-             corpora.detect_format(path) == "pubmed")
-        for i, (key, path) in enumerate(files)
-    ]  # fmt: skip
+        _Job(i, path, key, source, work / f"docs-{i}.arrow", options, tokenizer_json, data.seed, fmt == "pubmed")
+        for i, ((key, path), fmt) in enumerate(zip(files, formats))
+    ]
     workers = min(data.num_workers, len(jobs))
     if workers <= 1:
         # One file (e.g. NOTEEVENTS.csv.gz): parse here and let the Rust encoder use the cores.

@@ -52,6 +52,8 @@ from xml.etree import ElementTree
 from ..config import ConfigError, DataConfig
 
 FORMATS = ("pubmed", "jats", "noteevents", "text", "jsonl", "parquet")
+_GZIP = (".gz", ".tgz")  # names of gzip files
+_TAR = (".tar", ".tar.gz", ".tgz")  # names of PMC's bulk packages
 Key = Union[int, str]
 
 
@@ -93,7 +95,7 @@ def read_options(data: DataConfig) -> ReadOptions:
 
 def detect_format(path: Path) -> Optional[str]:
     name = path.name.lower().removesuffix(".gz")
-    if name.endswith((".tar", ".tgz")) or name.endswith(".nxml"):
+    if path.name.lower().endswith(_TAR) or name.endswith(".nxml"):
         return "jats"  # a PMC bulk package, or one JATS article
     if name.endswith(".xml"):
         # Both PubMed and PMC ship .xml: the root element decides (an unreadable file stays PubMed's,
@@ -110,12 +112,15 @@ def detect_format(path: Path) -> Optional[str]:
     return None
 
 
-def require_known_format(source: str, key: str, path: Path) -> None:
-    if detect_format(path) is None:
+def require_known_format(source: str, key: str, path: Path) -> str:
+    """The file's format (one of FORMATS), or a ConfigError naming the key and the formats known."""
+    fmt = detect_format(path)
+    if fmt is None:
         raise ConfigError(
             source, key, f"{path}: unknown format; expected .xml(.gz) (PubMed or PMC), .nxml or .tar.gz (PMC), "
             ".csv(.gz) (MIMIC-III NOTEEVENTS, MIMIC-IV-Note), .txt, .jsonl or .parquet",
         )  # fmt: skip
+    return fmt
 
 
 def read(path: Path, options: ReadOptions, skipped: Counter) -> Iterator[tuple[Key, Optional[str]]]:
@@ -130,7 +135,7 @@ def read(path: Path, options: ReadOptions, skipped: Counter) -> Iterator[tuple[K
     if path.stat().st_size == 0:
         bad("empty file")
         return
-    if path.name.lower().endswith((".gz", ".tgz")) and not _is_gzip(path):
+    if path.name.lower().endswith(_GZIP) and not _is_gzip(path):
         bad("not a gzip file, though named .gz")
         return
     yielded = 0
@@ -156,7 +161,7 @@ _WHAT = {
 
 
 def _found_instead(path: Path, fmt: str) -> str:
-    if fmt in ("pubmed", "jats") and not path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
+    if fmt in ("pubmed", "jats") and not path.name.lower().endswith(_TAR):
         root = _root_element(path)
         return f"its root element is <{root}>" if root else "no XML element"
     return "only blank lines" if fmt in ("text", "jsonl") else "no data rows"
@@ -195,8 +200,7 @@ class _Bad:
 
 
 def _open_binary(path: Path):
-    compressed = path.name.lower().endswith((".gz", ".tgz"))
-    return gzip.open(path, "rb") if compressed else open(path, "rb")  # noqa: SIM115
+    return gzip.open(path, "rb") if path.name.lower().endswith(_GZIP) else open(path, "rb")  # noqa: SIM115
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -442,8 +446,7 @@ def _article(data: bytes, name: str, options: ReadOptions, bad: _Bad) -> Optiona
 
 
 def _read_jats(path: Path, options: ReadOptions, bad: _Bad) -> Iterator[tuple[Key, Optional[str]]]:
-    lower = path.name.lower()
-    if not lower.endswith((".tar", ".tar.gz", ".tgz")):
+    if not path.name.lower().endswith(_TAR):
         with _open_binary(path) as f:
             article = _article(f.read(), path.name, options, bad)
         if article is not None:

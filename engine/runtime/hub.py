@@ -21,6 +21,12 @@ import torch.distributed as dist
 
 from ..config import is_local
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)  # any one of them is a model's weights
 PROBE_TIMEOUT = 2.0  # seconds; DNS included (a resolver can hang longer than a connect)
 _decision: dict = {}  # {"online": bool, "why": str} once decided
 
@@ -111,14 +117,6 @@ def load_error(name: str, error: Exception, what: str = "model") -> str:
     if offline() and not is_local(name):
         return not_cached(name, what)
     return f"cannot load a {what} from {name!r}: {error}"
-
-
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 def check_cached(name: str, weights: bool) -> Optional[str]:
