@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test lint bench-overhead bench-data bench-placement bench-kernels
+.PHONY: install demo test lint bench-overhead bench-data bench-placement bench-kernels gpu-check
 
 install:
 	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels onto a CPU machine.
@@ -38,3 +38,10 @@ bench-kernels: install
 	$(PYTHON) -m biodistill.kernels.bench kl
 	$(PYTHON) -m biodistill.kernels.bench adapter
 	$(PYTHON) -m biodistill.kernels.bench step
+
+# Everything a GPU has to say, as a dated section of BENCHMARKS.md (engine/bench/gpu_check.py): GPU tests,
+# kernel resources and benchmarks, full-size DistilBioBERT / CompactBioBERT steps. Within 8 minutes on one
+# H200. Not after `install`: a GPU machine keeps its own CUDA torch (and may have no network: see
+# BENCHMARKS.md, "GPU check"). DRY_RUN=1 runs the same plumbing on a CPU at tiny sizes.
+gpu-check:
+	$(PYTHON) -m biodistill.engine.bench.gpu_check $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_FLAGS)

@@ -8,8 +8,8 @@ The packages, one subsystem each::
     losses.py    the loss terms and the module DeepSpeed trains (student + terms)
     data/        corpora -> tokens -> the cache or a stream -> masked batches
     models/      encoder outputs, the teacher, student builders, MiniALBERT, published shapes, --smoke
-    runtime/     process group, checkpoints, resume, reporting, health, fault points, start-up checks
-    bench/       the engine's benchmarks
+    runtime/     process group, checkpoints, resume, reporting, health, skips, fault points, start-up checks
+    bench/       the engine's benchmarks and make gpu-check
     assets/      the bundled demo corpus
 
 The data flow of one job::

@@ -48,7 +48,9 @@ class ConfigError(ValueError):
 @dataclass
 class TeacherConfig:
     path: str = ""  # HF model directory, hub name, or pkg://<package>/<dir> for a model shipped in a package
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    # auto: follows train.precision on a GPU (bf16 or fp16; an fp32 student gets bf16 where the GPU has it,
+    # else fp16), fp32 on CPU (no fast half-precision matmul there)
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # replicated: a full copy per rank (BERT-size teachers); partitioned: ZeRO-3 shards it across the ranks,
     # an inference-only DeepSpeed engine; offload: ZeRO-3 shards held in CPU memory, fetched layer by layer
     placement: Literal["replicated", "partitioned", "offload"] = "replicated"
@@ -128,7 +130,8 @@ class TrainConfig:
     grad_accum: int = 1
     global_batch_size: int = 0  # set: grad_accum = global / (micro_batch_size x world), whatever the world size
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 on GPUs that have it (A100, H100, ...), fp16 with DeepSpeed's loss scaling on older ones, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 42
     output_dir: str = "runs/default"
     log_every: int = 10
@@ -211,6 +214,24 @@ def load_recipe(
     recipe.source = source
     validate(recipe, sources, check_paths)
     return recipe
+
+
+def resolve_precision(recipe: Recipe, device_type: str, bf16_supported: bool) -> Recipe:
+    """``recipe`` with ``train.precision`` and ``teacher.dtype`` "auto" made concrete for the device the job
+    runs on (``device_type`` "cpu", "cuda", ...). Explicit values are kept as written."""
+    train, teacher = recipe.train, recipe.teacher
+    if train.precision == "auto":
+        precision = "fp32" if device_type == "cpu" else "bf16" if bf16_supported else "fp16"
+        train = dataclasses.replace(train, precision=precision)
+    if teacher.dtype == "auto":
+        if device_type == "cpu":
+            dtype = "fp32"
+        elif train.precision in ("bf16", "fp16"):
+            dtype = train.precision  # one half type in the step: the terms compare like with like
+        else:  # an fp32 student still gets a half-precision teacher: it is frozen, and this halves its cost
+            dtype = "bf16" if bf16_supported else "fp16"
+        teacher = dataclasses.replace(teacher, dtype=dtype)
+    return dataclasses.replace(recipe, train=train, teacher=teacher)
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:

@@ -137,13 +137,20 @@ class _HiddenTerm(LossTerm):
         elif hs != ht:
             raise ctx.error("kind", f"student width {hs} != teacher width {ht}: use hidden_mse with projection: true")
 
-    def pairs_at_tokens(self, student: Outputs, teacher: Outputs, batch: dict):
-        mask = _token_mask(batch)
+    def layer_states(self, student: Outputs, teacher: Outputs):
+        """Each layer pair's hidden states [B, T, H], the student's through the projection, both in fp32."""
         for s, t in self.pairs:
-            hs = student.hidden_states[s][mask].float()
+            hs = student.hidden_states[s]
             if self.projection is not None:
-                hs = self.projection(hs.to(self.projection.weight.dtype)).float()
-            yield hs, teacher.hidden_states[t][mask].float()
+                hs = self.projection(hs.to(self.projection.weight.dtype))
+            yield hs.float(), teacher.hidden_states[t].float()
+
+
+def _token_mean(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean of a [B, T] tensor over the non-pad tokens. A weighted sum, not ``x[mask]``: boolean indexing has a
+    data-dependent shape, which on a GPU makes the host wait for the device."""
+    w = batch["attention_mask"].to(per_token.dtype)
+    return (per_token * w).sum() / w.sum().clamp(min=1)
 
 
 class HiddenCosine(_HiddenTerm):
@@ -154,7 +161,7 @@ class HiddenCosine(_HiddenTerm):
 
     def forward(self, student, teacher, batch):
         return sum(
-            (1 - F.cosine_similarity(s, t, dim=-1)).mean() for s, t in self.pairs_at_tokens(student, teacher, batch)
+            _token_mean(1 - F.cosine_similarity(s, t, dim=-1), batch) for s, t in self.layer_states(student, teacher)
         )
 
 
@@ -165,7 +172,7 @@ class HiddenMSE(_HiddenTerm):
         super().__init__(ctx, allow_projection=True)
 
     def forward(self, student, teacher, batch):
-        return sum(F.mse_loss(s, t) for s, t in self.pairs_at_tokens(student, teacher, batch))
+        return sum(_token_mean((s - t).pow(2).mean(-1), batch) for s, t in self.layer_states(student, teacher))
 
 
 class _AttentionTerm(LossTerm):
@@ -261,8 +268,9 @@ class DistillationModel(nn.Module):
         return [t.name for t in self.terms]
 
     def forward(self, batch: dict, teacher: Outputs, extra: Needs = NOTHING):
+        needs = self.student_needs | extra
         student = encode(
-            self.student, batch["input_ids"], batch["attention_mask"], self.student_needs | extra, batch["rows"]
+            self.student, batch["input_ids"], batch["attention_mask"], needs, batch["rows"], batch.get("padded", True)
         )
         loss, values = self.combine(student, teacher, batch)
         return loss, values, student

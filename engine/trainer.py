@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from .config import Recipe, model_location
+from .config import Recipe, model_location, resolve_precision
 from .data import batches, cache, stream
 from .data.tokenise import VocabMap, recipe_tokenizer
 from .losses import DistillationModel, build_terms
@@ -31,9 +31,10 @@ from .models.outputs import NOTHING, Needs, Outputs, encode, hidden_size
 from .models.students import build_student, student_config, teacher_config
 from .models.teacher import load_teacher, place_teacher, resident_bytes, seen_by_terms
 from .runtime import checkpoint, faults, hub, report
-from .runtime.distributed import deepspeed_config, init_distributed, release_shared_memory
-from .runtime.health import Health, JobError
+from .runtime.distributed import bf16_supported, deepspeed_config, init_distributed, release_shared_memory
+from .runtime.health import Health
 from .runtime.resume import Position, find_checkpoint, load_checkpoint, tag_to_load
+from .runtime.skips import SkipGuard
 
 log = logging.getLogger("biodistill")
 
@@ -53,8 +54,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class Trainer:
     def __init__(self, recipe: Recipe, resume: Optional[str] = None):
-        self.recipe = recipe
         self.dist = init_distributed(recipe.train.collective_timeout)
+        # "auto" precisions made concrete for this device: everything below, and the summary, sees those
+        self.recipe = recipe = resolve_precision(recipe, self.dist.device.type, bf16_supported(self.dist.device))
         hub.agree()  # every rank loads the same way: offline if any rank cannot reach the hub
         self.out = Path(recipe.train.output_dir)
         self.checkpoints = self.out / "checkpoints"
@@ -66,6 +68,13 @@ class Trainer:
         seed_everything(recipe.train.seed + self.dist.rank)  # dropout differs across ranks, as it should
         # step, micro-batches consumed, and micro-batches skipped for a non-finite loss or teacher output
         self.pos, self.saved_step = Position(), None
+        # Both on the device, read at log points: the window's [loss, *terms, tokens, kept micro-batches]
+        # and the skip verdicts (with the gradient gate on every trainable parameter).
+        self.window = torch.zeros(len(self.model.terms) + 3, device=self.dist.device)
+        self.guard = SkipGuard(
+            self.engine.module.parameters(), self.dist.rank, self.dist.world, self.dist.device,
+            capacity=self.grad_accum * recipe.train.log_every,
+        )  # fmt: skip
         self.health: Optional[Health] = None
         self.report: Optional[report.Reporter] = None
 
@@ -193,89 +202,50 @@ class Trainer:
     # ----------------------------------------------------------------------------------- the step
 
     def teacher_outputs(self, batch: dict, extra: Needs = NOTHING) -> Outputs:
+        """The teacher's outputs in its own dtype (fp16/bf16 on a GPU): each loss term upcasts what it reads
+        and accumulates in fp32, instead of an fp32 copy of every hidden state and attention map here."""
         if self.teacher is None:
             return Outputs()
         ids = batch["input_ids"] if self.vocab_map is None else self.vocab_map.inputs(batch["input_ids"])
         with torch.no_grad():
-            out = encode(self.teacher, ids, batch["attention_mask"], self.model.teacher_needs | extra, batch["rows"])
-        # Loss terms read teacher tensors in fp32; the fp16 teacher's outputs are upcast once here.
-        out = Outputs(
-            *(
-                None if x is None else tuple(t.float() for t in x) if isinstance(x, tuple) else x.float()
-                for x in (out.hidden_states, out.attentions, out.logits)
-            )
-        )
+            needs, padded = self.model.teacher_needs | extra, batch.get("padded", True)
+            out = encode(self.teacher, ids, batch["attention_mask"], needs, batch["rows"], padded)
         if out.logits is not None and self.vocab_map is not None:
             out.logits = self.vocab_map.logits(out.logits)
         return out
 
-    def train_step(self, loader) -> torch.Tensor:
-        """One optimiser step over ``grad_accum`` micro-batches; returns [loss, *terms, tokens] summed over
-        them. A micro-batch whose loss or teacher outputs are not finite on any rank is skipped by every
-        rank (no backward) and another is drawn in its place."""
-        totals = torch.zeros(len(self.model.terms) + 2)
-        micro, step = 0, self.pos.step + 1
-        while micro < self.grad_accum:
+    def train_step(self, loader) -> None:
+        """One optimiser step over ``grad_accum`` micro-batches, adding [loss, *terms, tokens, kept] into
+        ``self.window`` on the device. Nothing here waits on the device: a micro-batch whose loss or
+        teacher outputs are not finite on any rank has its gradients zeroed on every rank by a verdict
+        taken on the device (runtime/skips.py), which the host reads at log and save points."""
+        step = self.pos.step + 1
+        for micro in range(self.grad_accum):
             self._mark(step, f"micro-batch {micro}")
             batch = next(loader)
             self.pos.consumed += 1
             if self.ledger is not None:
                 self._record(batch, micro)
-            names = {k: batch[k] for k in ("sample_epochs", "sample_ids") if k in batch}
-            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+            names = {k: batch[k] for k in ("sample_epochs", "sample_ids") if k in batch}  # host tensors
+            batch = batches.to_device(batch, self.dist.device, non_blocking=True)
             teacher = self.teacher_outputs(batch)
             if teacher.logits is not None:
                 teacher.logits = faults.poison("teacher.outputs", teacher.logits, step)
             loss, values, _ = self.engine(batch, teacher)
             loss = faults.poison("train.loss", loss, step)
-            if self._skip_nonfinite(loss, teacher, names):
-                continue
+            keep = self.guard.check(loss, _nonfinite(teacher, self.dist.device), step, micro, names)
             faults.hit("train.micro", step)
             self._mark(step, f"backward {micro}")
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimiser only at the accumulation boundary
-            totals += torch.cat(
-                [loss.detach().float().reshape(1), values, batch["attention_mask"].sum().reshape(1)]
-            ).cpu()
-            micro += 1
+            totals = torch.cat([loss.detach().float().reshape(1), values, batch["attention_mask"].sum().reshape(1)])
+            self.window[:-1] += torch.where(keep, totals, 0)  # where: a skipped NaN loss times 0 is still NaN
+            self.window[-1] += keep.float()
         faults.hit("train.step", step)
-        return totals
 
-    def _skip_nonfinite(self, loss: torch.Tensor, teacher: Outputs, names: dict) -> bool:
-        """True when any rank's loss or teacher outputs hold inf/NaN: then every rank skips the micro-batch.
-
-        Skipping must be unanimous, or the replicas' gradient reductions would no longer pair up: one tiny
-        all-reduce per micro-step, and a host-device sync (the flags decide what the host does next).
-        """
-        d, r, pos = self.dist, self.recipe, self.pos
-        flags = torch.zeros(d.world, 2, device=d.device)
-        flags[d.rank, 0] = (~torch.isfinite(loss.detach())).any().float()
-        flags[d.rank, 1] = _nonfinite(teacher).float()
-        dist.all_reduce(flags)
-        flags = flags.cpu().bool()
-        if not flags.any():
-            pos.skips_in_a_row = 0
-            return False
-        kind = "teacher_nonfinite" if flags[:, 1].any() else "nonfinite_loss"
-        what = "teacher outputs (an fp16 teacher overflowing?)" if kind == "teacher_nonfinite" else "student loss"
-        pos.skips[kind] += 1
-        pos.skips_in_a_row += 1
-        ranks = flags.any(1).nonzero().flatten().tolist()
-        mine = _batch_name(names)
-        if flags[d.rank].any():
-            log.warning(
-                "rank %d: step %d: non-finite %s on %s; micro-batch skipped on every rank (%d in a row, %d in all)",
-                d.rank, pos.step + 1, what, mine, pos.skips_in_a_row, sum(pos.skips.values()),
-            )  # fmt: skip
-        if pos.skips_in_a_row >= r.train.max_consecutive_skips:
-            batch_names = [None] * d.world
-            dist.all_gather_object(batch_names, mine)
-            raise JobError(
-                f"step {pos.step + 1}: {pos.skips_in_a_row} micro-batches in a row had a non-finite {what} "
-                f"(train.max_consecutive_skips = {r.train.max_consecutive_skips}); the last on "
-                + ", ".join(f"rank {i}: {batch_names[i]}" for i in ranks)
-            )
-        return True
+    def _flush_skips(self) -> None:
+        """The device's skip verdicts since the last flush, read on the host (log, save and end points)."""
+        self.guard.flush(self.pos, self.recipe.train.max_consecutive_skips, _batch_name)
 
     def fit(self) -> dict:
         r, d = self.recipe, self.dist
@@ -287,27 +257,30 @@ class Trainer:
         before = self.evaluate()
         self.report.heldout("before", before, pos.step)
         train_batches = self._batches()
-        window, window_start = torch.zeros(len(self.model.terms) + 2), time.perf_counter()
+        window_start = time.perf_counter()
         bar = tqdm(
             total=r.train.max_steps, initial=pos.step, disable=not d.is_main, desc="distilling", dynamic_ncols=True
         )
         step_seconds = []
         while pos.step < r.train.max_steps:
             started = time.perf_counter()
-            window += self.train_step(train_batches)
+            self.train_step(train_batches)
             step_seconds.append(time.perf_counter() - started)
             pos.step += 1
             self._mark(pos.step, "done")
             bar.update(1)
             if pos.step % r.train.log_every == 0 or pos.step == r.train.max_steps:
-                micro_steps = self.grad_accum * r.train.log_every * d.world
-                self.report.train(pos.step, window, micro_steps, time.perf_counter() - window_start, pos.skips, bar)
-                window, window_start = torch.zeros_like(window), time.perf_counter()
+                self._mark(pos.step, "log")
+                self._flush_skips()
+                self.report.train(pos.step, self.window, time.perf_counter() - window_start, pos.skips, bar)
+                self.window.zero_()
+                window_start = time.perf_counter()
             if r.train.eval_every and pos.step % r.train.eval_every == 0 and pos.step < r.train.max_steps:
                 self.report.write("eval", self.evaluate(), pos.step)
             if r.train.save_every and pos.step % r.train.save_every == 0 and pos.step < r.train.max_steps:
                 self.save()
         bar.close()
+        self._flush_skips()
         after = self.evaluate()
         self.report.heldout("after", after, pos.step)
         self.save()
@@ -353,6 +326,7 @@ class Trainer:
         if self.saved_step == step:  # resumed at this step and trained no further: nothing new to save
             return
         self._mark(step, "save")
+        self._flush_skips()  # the counts the checkpoint carries
         stream_state = self.stream_batches.state() if self.stream is not None else None
         counters = {"skips": self.pos.skips, "skips_in_a_row": self.pos.skips_in_a_row}
         checkpoint.save(
@@ -392,7 +366,7 @@ class Trainer:
         return str(path) if path else None
 
     def close(self) -> None:
-        for f in (self.ledger, self.report):
+        for f in (self.ledger, self.report, self.guard):
             if f is not None:
                 f.close()
         if self.health is not None:
@@ -419,7 +393,7 @@ def heldout_metrics(trainer: Trainer) -> dict[str, float]:
     for i, batch in enumerate(trainer.heldout):
         trainer._mark(trainer.pos.step, f"evaluation batch {i}")
         faults.hit("eval.batch", trainer.pos.step)
-        batch = {k: v.to(trainer.dist.device) for k, v in batch.items()}
+        batch = batches.to_device(batch, trainer.dist.device)
         teacher = trainer.teacher_outputs(batch, Needs(hidden_states=True))
         loss, values, student = engine(batch, teacher, Needs(hidden_states=True))
         extra = agreement(batch, student, teacher, same_width)
@@ -442,7 +416,9 @@ def agreement(batch: dict, student: Outputs, teacher: Outputs, same_width: bool)
     if teacher.hidden_states is not None and same_width:
         mask = batch["attention_mask"].bool()
         cosine = (
-            F.cosine_similarity(student.hidden_states[-1][mask].float(), teacher.hidden_states[-1][mask], dim=-1)
+            F.cosine_similarity(
+                student.hidden_states[-1][mask].float(), teacher.hidden_states[-1][mask].float(), dim=-1
+            )
             .mean()
             .item()
         )
@@ -453,12 +429,18 @@ def agreement(batch: dict, student: Outputs, teacher: Outputs, same_width: bool)
     return torch.tensor([cosine, top1, mlm])
 
 
-def _nonfinite(outputs: Outputs) -> torch.Tensor:
-    """True (a 0-d tensor on the outputs' device, no sync) when any of the teacher's outputs holds inf or NaN."""
-    groups = (outputs.hidden_states, outputs.attentions, outputs.logits)
-    tensors = [t for x in groups if x is not None for t in (x if isinstance(x, tuple) else (x,))]
+def _nonfinite(outputs: Outputs, device=None) -> torch.Tensor:
+    """True (a 0-d tensor on the outputs' device, or ``device`` when there are none; no sync) when the
+    teacher's outputs hold inf or NaN.
+
+    Only the last layer of each kind is read: a non-finite value anywhere in an encoder's forward reaches
+    it (each position's row is carried forward by the residual stream, and into every position that
+    attends to it; LayerNorm turns an inf into NaN, it never makes it finite), so the earlier layers add
+    nothing but a full pass over every hidden state and T x T map."""
+    groups = (outputs.hidden_states, outputs.attentions, outputs.scores, outputs.logits)
+    tensors = [x[-1] if isinstance(x, tuple) else x for x in groups if x is not None]
     if not tensors:
-        return torch.tensor(False)
+        return torch.zeros((), dtype=torch.bool, device=device)
     return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
 
 

@@ -8,12 +8,27 @@ product); this kernel reads s and t once and writes only the gradient and one fl
 
 One program owns one row and keeps fp32 running statistics whatever the input dtypes (fp16 teacher,
 bf16 student, ...):
-  - a row that fits on chip (next_pow2(V) <= ON_CHIP_MAX: every BERT vocabulary) is loaded once; the
-    loss and the gradient come out of registers: 4V bytes read, 2V written, the traffic floor;
-  - a longer row (50k, 128k, 256k) is streamed in CHUNK-wide blocks with online softmax for both
-    distributions (running maxima and sums, rescaled as a maximum moves). The gradient needs the final
-    normalisers, so a second pass re-reads the row, last block first: the blocks read most recently
-    are the likeliest still to be in L2.
+  - a row of at most ON_CHIP_MAX = 16,384 entries is loaded once and the loss and the gradient come
+    out of registers: 4V bytes read, 2V written (16-bit inputs), the traffic floor;
+  - a longer row (every BERT vocabulary, 28,996-30,522, and 50k, 128k, 256k) is streamed in
+    CHUNK-wide blocks with online softmax for both distributions (running maxima and sums, rescaled as
+    a maximum moves). The gradient needs the final normalisers, so a second pass re-reads the row,
+    last block first, and that re-read is meant to come from L2, not HBM.
+Why not keep a 30k row on chip: a 32,768-wide block over 32 warps holds s, t and their exponentials
+in fp32, 128 values a thread against the 64 registers a thread a 1,024-thread CTA may have, so it spills
+to local memory (392-688 B a thread measured on sm_90: ``python -m biodistill.kernels.inspect``), and
+spilled registers travel through L1/L2/HBM, which is exactly the traffic the one pass meant to avoid.
+Staging the row in shared memory in its input dtype (4V = 122 KB at 30,522, one CTA per SM on Hopper's
+227 KB or an A100's 163 KB) would also work, but Triton exposes no indexable shared buffer for it, and
+L2 does the same job below.
+The byte model of the streamed path at CHUNK = 8,192 over 16 warps: 87 registers a thread, no spill
+(sm_80 and sm_90), so one 512-thread CTA per SM holds one row at a time: 132 rows in flight on an
+H100/H200 (108 on an A100), 132 x 4V = 16 MB at V = 30,522, a third of the 50 MB L2 (40 MB on an
+A100). Pass one loads with evict_last, pass two reads the same lines back (newest first) with
+evict_first and the gradient stores stream out with evict_first, so the second read hits L2 and HBM
+sees 4V read + 2V written: the 6V floor. Each thread keeps 2 x 16 16-bit loads in flight per block,
+32 KB a SM, above the ~25 KB Little's law asks at 4.3 TB/s. At 128k / 256k vocabularies the rows in
+flight (67 / 135 MB) exceed L2 and the second pass is partly served by HBM: up to 10V there.
 The loss uses sum_v e^(t_v - m_t) (t_v - s_v) accumulated online, never log p - log q of two large
 numbers, and q - p is formed in fp32 and rounded once into the student's dtype.
 
@@ -39,8 +54,9 @@ import triton.language as tl
 
 from .reference import Reduction, kl_rows
 
-ON_CHIP_MAX = 32768  # widest row kept in registers (32k fp32 x 2 over 32 warps: 64 values per thread)
-CHUNK = 4096  # block width when a row is streamed
+ON_CHIP_MAX = 16384  # widest row kept in registers; 32,768 spills (see the module docstring)
+CHUNK, CHUNK_WARPS = 8192, 16  # a streamed row's block width and warps: one CTA per SM (module docstring)
+SCALE_BLOCK, SCALE_WARPS = 8192, 16  # backward's grad_output multiply
 
 
 @triton.jit
@@ -89,8 +105,11 @@ def _kl_fwd(S, T, LOSS, G, KEEP, ROWS, s_row, s_col, t_row, t_col, g_row, g_col,
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             live = cols < n_live
-            s = tl.load(S + cols * s_col, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
-            t = tl.load(T + cols * t_col, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
+            # evict_last: these lines are read again by the gradient pass; keep them in L2 until then.
+            s = tl.load(S + cols * s_col, mask=live, other=float("-inf"), eviction_policy="evict_last")
+            t = tl.load(T + cols * t_col, mask=live, other=float("-inf"), eviction_policy="evict_last")
+            s = s.to(tl.float32) * inv_temp
+            t = t.to(tl.float32) * inv_temp
             new_s = tl.maximum(m_s, tl.max(s, 0))
             new_t = tl.maximum(m_t, tl.max(t, 0))
             e_t = tl.exp(t - _shift(new_t))
@@ -120,10 +139,14 @@ def _kl_fwd(S, T, LOSS, G, KEEP, ROWS, s_row, s_col, t_row, t_col, g_row, g_col,
             for i in range(0, n_blocks):
                 cols = (n_blocks - 1 - i) * BLOCK_V + offs  # last block first: it is the one in L2
                 live = cols < n_live
-                s = tl.load(S + cols * s_col, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
-                t = tl.load(T + cols * t_col, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
+                # evict_first: the second and last read of these lines (served from L2 when the byte model holds).
+                s = tl.load(S + cols * s_col, mask=live, other=float("-inf"), eviction_policy="evict_first")
+                t = tl.load(T + cols * t_col, mask=live, other=float("-inf"), eviction_policy="evict_first")
+                s = s.to(tl.float32) * inv_temp
+                t = t.to(tl.float32) * inv_temp
                 grad = grad_coef * (tl.exp(s - lse_s) - tl.exp(t - lse_t))
-                tl.store(G + cols * g_col, tl.where(keep, grad, 0.0).to(G.dtype.element_ty), mask=cols < V)
+                g = tl.where(keep, grad, 0.0).to(G.dtype.element_ty)
+                tl.store(G + cols * g_col, g, mask=cols < V, eviction_policy="evict_first")  # never re-read here
 
 
 @triton.jit
@@ -138,8 +161,39 @@ def _scale_grad(G, GO, g_row, g_col, V, PER_ROW: tl.constexpr, BLOCK_V: tl.const
     tl.store(ptr, (g * go).to(G.dtype.element_ty), mask=live)
 
 
-def _warps(block: int) -> int:
-    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+def row_config(V: int) -> dict:
+    """How a row of width V is processed: the kernel's ONE_PASS / BLOCK_V and the launch's num_warps."""
+    block = triton.next_power_of_2(V)
+    if block <= ON_CHIP_MAX:
+        return {"ONE_PASS": True, "BLOCK_V": block, "num_warps": 16 if block >= 8192 else 8 if block >= 2048 else 4}
+    return {"ONE_PASS": False, "BLOCK_V": CHUNK, "num_warps": CHUNK_WARPS}
+
+
+def forward_launch(student, teacher, loss_rows, grad, keep, rows, temperature, reduction, scale_t2, write_grad):
+    """``(grid, args, options)`` of the ``_kl_fwd`` launch for these tensors. The autograd function launches
+    it; ``kernels.inspect`` compiles the same launch for sm_80 / sm_90 to read its resource usage."""
+    N, V = student.shape
+    c = temperature * temperature if scale_t2 else 1.0
+    grad_coef = c / temperature / (V if reduction == "mean" else 1)
+    if reduction in ("batchmean", "mean") and rows is None:
+        grad_coef /= max(N, 1)
+    g_strides = grad.stride() if write_grad else (0, 0)
+    args = (
+        student, teacher, loss_rows, grad, keep if keep is not None else loss_rows,
+        rows if rows is not None else loss_rows,
+        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g_strides[0], g_strides[1],
+        V, 1.0 / temperature, c, grad_coef,
+    )  # fmt: skip
+    options = dict(HAS_KEEP=keep is not None, ROWS_ON_DEVICE=rows is not None, WRITE_GRAD=write_grad, **row_config(V))
+    return (N,), args, options
+
+
+def scale_launch(grad, go, per_row: bool):
+    """``(grid, args, options)`` of the ``_scale_grad`` launch (backward's grad_output multiply)."""
+    N, V = grad.shape
+    block = min(triton.next_power_of_2(V), SCALE_BLOCK)
+    options = dict(PER_ROW=per_row, BLOCK_V=block, num_warps=SCALE_WARPS if block == SCALE_BLOCK else 4)
+    return (N, triton.cdiv(V, block)), (grad, go, grad.stride(0), grad.stride(1), V), options
 
 
 class TemperatureKLFunction(torch.autograd.Function):
@@ -154,26 +208,14 @@ class TemperatureKLFunction(torch.autograd.Function):
         grad = loss_rows  # a placeholder pointer when no gradient is written
         if write_grad:
             grad = student if inplace else torch.empty_like(student, memory_format=torch.contiguous_format)
-        c = temperature * temperature if scale_t2 else 1.0
-        grad_coef = c / temperature / (V if reduction == "mean" else 1)
-        rows = None  # batchmean / mean: the count of selected rows, on the device
-        if reduction in ("batchmean", "mean"):
-            if keep is None:
-                grad_coef /= max(N, 1)
-            else:
-                rows = keep.sum()
-        one_pass = triton.next_power_of_2(V) <= ON_CHIP_MAX
-        block = triton.next_power_of_2(V) if one_pass else CHUNK
+        rows = None  # batchmean / mean over a selection: the count of selected rows, on the device
+        if reduction in ("batchmean", "mean") and keep is not None:
+            rows = keep.sum()
         if N:
-            _kl_fwd[(N,)](
-                student, teacher, loss_rows, grad, keep if keep is not None else loss_rows,
-                rows if rows is not None else loss_rows,
-                student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-                grad.stride(0) if write_grad else 0, grad.stride(1) if write_grad else 0,
-                V, 1.0 / temperature, c, grad_coef,
-                HAS_KEEP=keep is not None, ROWS_ON_DEVICE=rows is not None, WRITE_GRAD=write_grad,
-                ONE_PASS=one_pass, BLOCK_V=block, num_warps=_warps(block),
-            )  # fmt: skip
+            grid, args, options = forward_launch(
+                student, teacher, loss_rows, grad, keep, rows, temperature, reduction, scale_t2, write_grad
+            )
+            _kl_fwd[grid](*args, **options)
         if write_grad:
             ctx.grad = grad  # not save_for_backward: in place it *is* the input, whose version moves
             if inplace:
@@ -199,11 +241,9 @@ class TemperatureKLFunction(torch.autograd.Function):
         N, V = grad.shape
         per_row = ctx.reduction == "none"
         go = grad_output.float().contiguous() if per_row else grad_output.float().reshape(1)
-        block = min(triton.next_power_of_2(V), 8192)
         if N:
-            _scale_grad[(N, triton.cdiv(V, block))](
-                grad, go, grad.stride(0), grad.stride(1), V, PER_ROW=per_row, BLOCK_V=block, num_warps=_warps(block)
-            )
+            grid, args, options = scale_launch(grad, go, per_row)
+            _scale_grad[grid](*args, **options)
         return grad, None, None, None, None, None, None
 
 

@@ -111,7 +111,7 @@ CASES = [
     Case("not-an-integer", "{r}: train.max_steps: expected an integer, got 'ten'", put("train.max_steps", "ten")),
     Case(
         "unknown-precision",
-        "{r}: train.precision: must be one of 'fp32', 'bf16', 'fp16', got 'fp8'",
+        "{r}: train.precision: must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'",
         put("train.precision", "fp8"),
     ),
     Case("negative-lr", "{r}: optim.lr: must be > 0, got -1.0", put("optim.lr", -1)),
@@ -382,3 +382,32 @@ def test_fp16_teacher_overflow_is_detected(tiny_teacher):
             out = encode(teacher, ids, mask, Needs(hidden_states=True, logits=True), rows)
         assert out.logits[:, 3000].float().isinf().all().item() is overflows, dtype
         assert bool(_nonfinite(out)) is overflows, dtype
+
+
+def test_a_nonfinite_value_in_any_teacher_layer_is_seen(tiny_teacher):
+    """The check reads only the last layer of each output kind: an inf or NaN written into any earlier layer's
+    output reaches it, through the residual stream and attention, at every position it was put."""
+    from transformers import AutoModel
+
+    from biodistill.engine.models.outputs import Needs, encode
+    from biodistill.engine.trainer import _nonfinite
+
+    teacher = AutoModel.from_pretrained(tiny_teacher, attn_implementation="eager").eval()
+    ids = torch.tensor([[101, 7592, 2088, 2003, 102, 0], [101, 2088, 102, 0, 0, 0]])
+    mask = (ids != 0).long()
+    needs = Needs(hidden_states=True, attentions=True)
+    with torch.no_grad():
+        assert not bool(_nonfinite(encode(teacher, ids, mask, needs)))
+    for layer in range(len(teacher.encoder.layer) - 1):  # not the last: that one is read directly
+        for value in (float("inf"), float("nan")):
+            for row, pos in ((0, 2), (1, 4)):  # a real token, and a padded one
+
+                def poison(_module, _inputs, output, row=row, pos=pos, value=value):
+                    (output[0] if isinstance(output, tuple) else output)[row, pos, 5] = value
+
+                hook = teacher.encoder.layer[layer].register_forward_hook(poison)
+                with torch.no_grad():
+                    out = encode(teacher, ids, mask, needs)
+                hook.remove()
+                assert bool(_nonfinite(out)), (layer, value, row, pos)
+

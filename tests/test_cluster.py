@@ -87,6 +87,7 @@ def test_zero_stages_precisions_accumulation_and_teacher_placements(tmp_path, st
         ]  # fmt: skip
     cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cmd += [str(REPO / "tests" / "jobs" / "matrix.py"), "--config", str(recipe), "--out", str(tmp_path / "out.json")]
+    cmd += ["--count-syncs"]
     for name, overrides in settings.items():
         cmd += ["--run", name, *overrides]
     run(cmd, REPO, {"MASTER_ADDR": "127.0.0.1"})
@@ -100,6 +101,16 @@ def test_zero_stages_precisions_accumulation_and_teacher_placements(tmp_path, st
         assert s["job"]["dtype"] == ("bfloat16" if "bf16" in name else "float32"), name
         assert same_weights_everywhere(s), name
         assert sorted(loss[name]) == [1, 2, 3], name
+        # Nothing in a training step waits on the device, neither the engine nor the models' forwards (their
+        # masks are decided on the host): it is read only at log, eval and save points. What is left is
+        # DeepSpeed's own: its optimizer step reads the gradient norm (once per optimizer step), and ZeRO-3
+        # checks that every rank recorded the same parameter-fetch order while it records one (reset_step:
+        # the first steps, and the first after an evaluation changed the order), never per micro-step.
+        syncs = s["syncs_in_train_step"]
+        assert set(syncs) <= {"deepspeed"}, (name, {k: v[:3] for k, v in syncs.items() if k != "deepspeed"})
+        deepspeed_own = ("(_take_model_step)", "(reset_step)")
+        assert all(any(f in call for f in deepspeed_own) for call in syncs.get("deepspeed", [])), (name, syncs)
+    assert sum(len(s["syncs_in_train_step"].get("deepspeed", [])) for s in results.values()) > 0  # the counter is live
     # Partitioning the optimizer, gradients or weights does not change the arithmetic of fp32 training.
     for z in (1, 2, 3):
         assert loss[f"z{z}-fp32"] == pytest.approx(loss["z0-fp32"], rel=1e-6)

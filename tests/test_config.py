@@ -164,3 +164,27 @@ def test_train_files_globs_expand_in_sorted_order(recipe_file, tmp_path, tiny_co
     found = data_files(recipe.data, recipe.source)
     assert [p.name for _, p in found] == ["a.jsonl", "b.jsonl", tiny_corpus.name]
     assert found[0][0] == "data.train_files[0] (a.jsonl)" and found[2][0] == "data.train_files[1]"
+
+
+def test_auto_precision_fits_the_device(recipe_file):
+    """train.precision and teacher.dtype "auto": bf16 where the GPU has it, fp16 where it does not, fp32 on CPU;
+    the teacher follows a half-precision student; explicit choices are kept."""
+    from biodistill.engine.config import resolve_precision
+
+    def resolved(overrides, device, bf16):
+        r = resolve_precision(load_recipe(recipe_file, overrides), device, bf16)
+        return r.train.precision, r.teacher.dtype
+
+    assert load_recipe(recipe_file).train.precision == "auto"  # the default
+    assert resolved([], "cpu", False) == ("fp32", "fp32")
+    assert resolved([], "cuda", True) == ("bf16", "bf16")  # A100, H100, H200
+    assert resolved([], "cuda", False) == ("fp16", "fp16")  # V100, T4
+    assert resolved(["--train.precision", "fp32"], "cuda", True) == ("fp32", "bf16")  # a frozen teacher still halves
+    assert resolved(["--train.precision", "fp32"], "cuda", False) == ("fp32", "fp16")
+    assert resolved(["--train.precision", "bf16"], "cpu", False) == ("bf16", "fp32")  # CPUs: no fast half matmul
+    assert resolved(["--teacher.dtype", "fp16"], "cuda", True) == ("bf16", "fp16")  # explicit: kept
+    assert resolved(["--train.precision", "fp16", "--teacher.dtype", "fp32"], "cuda", True) == ("fp16", "fp32")
+    # The resolved precision is what DeepSpeed is configured with.
+    r = resolve_precision(load_recipe(recipe_file), "cuda", True)
+    cfg = deepspeed_config(r, world=1)
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]

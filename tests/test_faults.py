@@ -179,7 +179,8 @@ def test_nan_batches_are_skipped_counted_and_abort_when_in_a_row(job):
     run = tmp / "nan"
     common = ["--train.output_dir", str(run), "--train.max_steps", "6", "--train.export", "false"]
     # Rank 1's first micro-batch of step 3 has a NaN loss; every teacher output of step 5's first micro-batch
-    # is NaN (what an overflowing fp16 teacher gives). Both ranks skip each, draw another, and stay replicas.
+    # is NaN (what an overflowing fp16 teacher gives). Both ranks zero that micro-batch's gradients (decided on
+    # the device) and stay replicas.
     proc = faulty(recipe, "train.loss@3#1:1=nan;teacher.outputs@5#1=nan", *common)
     assert proc.returncode == 0
     out = proc.stdout + proc.stderr
@@ -190,12 +191,13 @@ def test_nan_batches_are_skipped_counted_and_abort_when_in_a_row(job):
     s = summary(run)  # written only when every rank's weights hash the same
     assert s["skipped"] == {"nonfinite_loss": 1, "teacher_nonfinite": 1, "fp16_overflow_steps": 0}
     assert len({r["student_sha256"] for r in s["ranks"]}) == 1
-    # Every micro-batch of step 2 is NaN on both ranks: the third in a row stops the job, naming the batches.
+    # Every micro-batch of steps 2 and 3 is NaN on both ranks: the third in a row (step 3's first) stops the
+    # job at the next log point, naming the batches.
     common[1] = str(tmp / "nan-abort")
-    proc = faulty(recipe, "train.loss@2=nan", *common, "--train.max_consecutive_skips", "3")
+    proc = faulty(recipe, "train.loss@2=nan;train.loss@3=nan", *common, "--train.max_consecutive_skips", "3")
     assert proc.returncode != 0
     assert re.search(
-        r"biodistill: error: rank 0: rank 0 failed at step 2 \(micro-batch 0\): JobError: step 2: 3 micro-batches "
+        r"biodistill: error: rank 0: rank 0 failed at step 3 \(log\): JobError: step 3 \(micro-batch 0\): 3 micro-batches "
         r"in a row had a non-finite student loss \(train.max_consecutive_skips = 3\); the last on rank 0: the batch "
         r"of epoch 0 sequences \[\d+, \d+\], rank 1: the batch of epoch 0 sequences \[\d+, \d+\]",
         proc.stderr,

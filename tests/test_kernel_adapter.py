@@ -127,15 +127,3 @@ def test_full_size_on_gpu(dtype):
     y, grads = run(fused_bottleneck_adapter, tensors, dtype, dy)
     for ours, eager, exact in zip([y, *grads], [y_eager, *g_eager], [y64, *g64]):
         assert rel_err(ours, exact) <= max(TOLERANCE[dtype], 3 * rel_err(eager, exact))
-
-
-def test_benchmark_harness_runs_on_cpu(capsys):
-    """The microbenchmark's CPU path (interpreter, small shapes): every provider timed, ratios printed."""
-    from biodistill.kernels.bench import main
-
-    main(["adapter", "--small", "--no-compile"])
-    main(["step", "--small"])
-    out = capsys.readouterr().out
-    for row in ("eager ", "triton (ours)", "eager adapters", "fused adapters"):
-        assert row in out
-    assert out.count("1.00x") == 2  # each table's baseline

@@ -63,7 +63,7 @@ DTYPES = [
 
 
 @pytest.mark.parametrize("student_dtype, teacher_dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("N, V", [(41, 1271), (3, 40000), (7, 1000), (2, 256000)])
+@pytest.mark.parametrize("N, V", [(41, 1271), (3, 30522), (7, 1000), (2, 256000)])
 def test_matches_float64_per_row(N, V, student_dtype, teacher_dtype):
     s, t = logits(N, V, dtype=student_dtype), logits(N, V, dtype=teacher_dtype, seed=1)
     rows, grad = fused(s, t, 2.0, reduction="none")
@@ -299,17 +299,6 @@ def test_distillation_follows_the_reference_run(monkeypatch):
     fused_curve, ref_curve = curve("triton"), curve("reference")
     assert fused_curve == pytest.approx(ref_curve, rel=1e-4)
     assert ref_curve[-1] < 0.8 * ref_curve[0]
-
-
-def test_benchmark_harness_runs_on_cpu(capsys):
-    """The microbenchmark's CPU path (interpreter, small shapes): every provider timed, ratios printed."""
-    from biodistill.kernels.bench import main
-
-    main(["kl", "--small", "--no-compile"])
-    out = capsys.readouterr().out
-    for row in ("eager ", "triton (ours)", "copy bandwidth"):
-        assert row in out
-    assert out.count("1.00x") == 2  # one table per vocabulary, eager the baseline
 
 
 @pytest.mark.gpu

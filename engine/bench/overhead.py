@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     weights.update({t.kind: t.weight for t in recipe.losses.terms})
     optimizer = torch.optim.AdamW(param_groups(student0, recipe.optim.weight_decay), lr=recipe.optim.lr)
     baseline, *_ = deepspeed.initialize(
-        model=student0, optimizer=optimizer, config=deepspeed_config(recipe, trainer.dist.world)
+        model=student0, optimizer=optimizer, config=deepspeed_config(trainer.recipe, trainer.dist.world)
     )
 
     batches = trainer._batches()

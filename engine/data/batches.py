@@ -37,8 +37,9 @@ class MLMCollator:
     """Pads a batch and applies BERT masking: ``p`` of the non-special tokens become targets, of which
     80% are replaced by [MASK], 10% by a random token, 10% left unchanged.
 
-    Also computes the flat indices of the rows where the LM heads run (``rows``) and their labels, on
-    the CPU in the loader, so the training step needs no ``nonzero()`` host sync.
+    Also computes, on the CPU in the loader, so that the training step needs no host sync for them: the
+    flat indices of the rows where the LM heads run (``rows``) and their labels, and ``padded`` (a Python
+    bool: whether any row is shorter than the batch; the models are given no mask when none is).
     """
 
     def __init__(
@@ -85,7 +86,13 @@ class MLMCollator:
             "row_labels": labels.flatten().index_select(0, rows),
             "sample_ids": torch.tensor([index for _, _, index in items]),
             "sample_epochs": torch.tensor([epoch for _, epoch, _ in items]),
+            "padded": any(len(ids) < length for ids, _, _ in items),
         }
+
+
+def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    """The batch's tensors on ``device``; its host values (``padded``) as they are."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def word_continuations(tokenizer) -> torch.Tensor:

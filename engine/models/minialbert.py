@@ -293,8 +293,12 @@ class MiniAlbertModel(MiniAlbertPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = self.projector(self.albert.embeddings(input_ids, token_type_ids))
-        # Keys only: padded query rows are computed and returned as they are; losses mask them.
-        bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        # Keys only: padded query rows are computed and returned as they are; losses mask them. A 4-D mask is
+        # already the additive bias (as transformers' models take it).
+        if attention_mask.ndim == 4:
+            bias = attention_mask.to(h.dtype)
+        else:
+            bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         hidden, maps = [h], []
         layer = self.albert.layer
         for i in range(self.config.num_hidden_layers):

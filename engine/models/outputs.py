@@ -94,10 +94,12 @@ def encode(
     attention_mask: torch.Tensor,
     needs: Needs,
     rows: Optional[torch.Tensor] = None,
+    padded: bool = True,
 ) -> Outputs:
     """Run ``model``'s body and, when ``needs.logits``, its MLM head at the flat token indices ``rows``.
 
     ``rows`` indexes ``[B*T]`` (flattened batch and time); the logits come back as ``[len(rows), V]``.
+    ``padded`` (known on the host, from the collator) says whether any token is padding; see model_mask.
     """
     pairs = query_key_modules(model) if needs.scores else []
     captured: dict[nn.Module, list[torch.Tensor]] = {m: [] for pair in pairs for m in pair}
@@ -105,7 +107,7 @@ def encode(
     try:
         out = model.base_model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=model_mask(attention_mask, padded, next(model.parameters()).dtype),
             output_hidden_states=needs.hidden_states,
             output_attentions=needs.attentions,
             return_dict=True,
@@ -130,6 +132,17 @@ def encode(
         logits=logits,
         scores=scores,
     )
+
+
+def model_mask(attention_mask: torch.Tensor, padded: bool, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The mask a model's forward is given. From a 2-D mask, transformers decides whether it may skip the
+    mask by reading it on the host (``padding_mask.all()``): a host-device sync in every forward. So the
+    engine decides on the host instead: no mask when no token is padding (attention may then take the
+    flash path), else a prepared ``[B, 1, 1, T]`` additive mask in the model's dtype, which transformers'
+    mask functions take as it is (and MiniALBERT too), for eager and SDPA attention alike."""
+    if not padded:
+        return None
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 def query_key_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:

@@ -8,6 +8,10 @@ Shrunk: teacher and student depths halved together; widths divided by 16 (rounde
 the vocabulary replaced by the bundled MiniLM WordPiece tokenizer's; the corpus replaced by the bundled
 sample; 10 steps of 4 sequences of 64 tokens per rank.
 
+``smoke(recipe, full_size=True)`` keeps every depth and width (and the position limit): the recipe's real
+shapes with random weights on the bundled tokenizer's vocabulary, which the step benchmark
+(engine/bench/step.py) times where the published checkpoints cannot be downloaded.
+
 Teachers and checkpoints the recipe names cannot be downloaded by a smoke run, so each is replaced by
 a random model of its family at the shrunk shape, built from its config (the checkpoint's own when
 available, else its published shape, see ``published.py``). They are written once, atomically,
@@ -51,34 +55,36 @@ _WIDTHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def smoke(recipe: Recipe) -> Recipe:
-    """The smoke-test version of ``recipe`` (a new object; ``recipe`` is not changed)."""
+def smoke(recipe: Recipe, full_size: bool = False) -> Recipe:
+    """The smoke-test version of ``recipe`` (a new object; ``recipe`` is not changed); ``full_size`` keeps
+    the models' shapes (see the module docstring)."""
     r = copy.deepcopy(recipe)
-    out = Path(f"{r.train.output_dir.rstrip('/')}-smoke")
+    out = Path(f"{r.train.output_dir.rstrip('/')}-{'full-size' if full_size else 'smoke'}")
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(TOKENIZER)))
     models = out / "models"
+    divisors = (1, 1) if full_size else (DEPTH_DIVISOR, WIDTH_DIVISOR)
 
     teacher_cfg = _config(r.teacher.path, r, "teacher.path") if r.teacher.path else None
     # The full-size student's config, before anything changes, shrunk the same way as the teacher's.
-    small_student = shrink(student_config(r, teacher_cfg, load=_config), tokenizer, r, "student.path")
-    small_teacher = shrink(teacher_cfg, tokenizer, r, "teacher.path") if teacher_cfg is not None else None
-    if small_teacher is not None:
-        depth = small_teacher.num_hidden_layers
-        r.teacher.path = str(_materialise(small_teacher, tokenizer, models, "teacher"))
+    student_shape = shrink(student_config(r, teacher_cfg, load=_config), tokenizer, r, "student.path", divisors)
+    teacher_shape = shrink(teacher_cfg, tokenizer, r, "teacher.path", divisors) if teacher_cfg is not None else None
+    if teacher_shape is not None:
+        depth = teacher_shape.num_hidden_layers
+        r.teacher.path = str(_materialise(teacher_shape, tokenizer, models, "teacher"))
         if r.student.init == "teacher_layers":
             r.student.teacher_layers = [i for i in r.student.teacher_layers if i < depth]
             if not r.student.teacher_layers:
                 raise ConfigError(r.source, "student.teacher_layers", f"--smoke keeps teacher layers < {depth}: none")
     if r.student.init == "checkpoint":
-        r.student.path = str(_materialise(small_student, tokenizer, models, "student"))
+        r.student.path = str(_materialise(student_shape, tokenizer, models, "student"))
     elif r.student.init == "config":
-        r.student.path = str(_materialise(small_student, tokenizer, models, "student", weights=False))
+        r.student.path = str(_materialise(student_shape, tokenizer, models, "student", weights=False))
         r.student.overrides = {}
 
     student_depth = (
-        len(r.student.teacher_layers) if r.student.init == "teacher_layers" else small_student.num_hidden_layers
+        len(r.student.teacher_layers) if r.student.init == "teacher_layers" else student_shape.num_hidden_layers
     )
-    teacher_depth = small_teacher.num_hidden_layers if small_teacher is not None else student_depth
+    teacher_depth = teacher_shape.num_hidden_layers if teacher_shape is not None else student_depth
     for term in r.losses.terms:
         if not isinstance(term.layer_map, str):
             term.layer_map = [[s, t] for s, t in term.layer_map if s <= student_depth and t <= teacher_depth]
@@ -115,22 +121,27 @@ def _config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
     return published_config(path) or load_config(path, recipe, key)
 
 
-def shrink(config: PretrainedConfig, tokenizer, recipe: Recipe, key: str) -> PretrainedConfig:
-    """``config`` at half the depth and 1/16 of the width, heads kept, on ``tokenizer``'s vocabulary."""
+def shrink(
+    config: PretrainedConfig, tokenizer, recipe: Recipe, key: str, divisors=(DEPTH_DIVISOR, WIDTH_DIVISOR)
+) -> PretrainedConfig:
+    """``config`` at 1/depth of the depth and 1/width of the width (``divisors``; half and 1/16 by default),
+    heads kept, on ``tokenizer``'s vocabulary; at (1, 1) only the vocabulary changes."""
     if config.model_type not in _WIDTHS:
         known = ", ".join(_WIDTHS)
         raise ConfigError(recipe.source, key, f"--smoke cannot shrink model_type '{config.model_type}'; known: {known}")
+    depth, width = divisors
     c = copy.deepcopy(config)
     heads = c.num_attention_heads
     per_head, plain = _WIDTHS[c.model_type]
     for name in per_head:
-        setattr(c, name, max(heads, round(getattr(c, name) / WIDTH_DIVISOR / heads) * heads))
+        setattr(c, name, max(heads, round(getattr(c, name) / width / heads) * heads))
     for name in plain:
-        setattr(c, name, max(8, getattr(c, name) // WIDTH_DIVISOR))
-    c.num_hidden_layers = max(1, c.num_hidden_layers // DEPTH_DIVISOR)
+        setattr(c, name, max(8, getattr(c, name) // width))
+    c.num_hidden_layers = max(1, c.num_hidden_layers // depth)
     c.vocab_size = len(tokenizer)
     c.pad_token_id = tokenizer.pad_token_id
-    c.max_position_embeddings = 128
+    if divisors != (1, 1):
+        c.max_position_embeddings = 128
     return c
 
 

@@ -18,8 +18,9 @@ import deepspeed
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from ..config import ConfigError, Recipe, model_location
+from ..config import ConfigError, Recipe, model_location, resolve_precision
 from ..runtime import hub
+from ..runtime.distributed import bf16_supported
 from .outputs import Needs, attn_implementation, mlm_head
 
 log = logging.getLogger(__name__)
@@ -36,17 +37,15 @@ def seen_by_terms(recipe: Recipe, teacher_config, student_config):
     return mapped
 
 
-def teacher_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        # fp16 halves the teacher's memory and time on GPU; CPUs have no fast fp16 matmul.
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[choice]
+def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    """``teacher.dtype``, with "auto" resolved for ``device`` (config.resolve_precision says how)."""
+    return _DTYPES[resolve_precision(recipe, device.type, bf16_supported(device)).teacher.dtype]
 
 
 def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn.Module:
     """Load ``teacher.path``; with a masked-LM head only when a loss term needs logits."""
     location = model_location(recipe.teacher.path)
-    dtype = teacher_dtype(recipe.teacher.dtype, device)
+    dtype = teacher_dtype(recipe, device)
     kwargs = {"dtype": dtype}
     if attn_implementation(needs):
         kwargs["attn_implementation"] = attn_implementation(needs)

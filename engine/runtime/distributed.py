@@ -77,6 +77,11 @@ def init_distributed(timeout: float = 1800.0) -> Dist:
     return Dist(rank, world, local_rank, local_world, device)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` trains in bf16 at full speed (Ampere and later GPUs); never on CPU here."""
+    return device.type != "cpu" and get_accelerator().is_bf16_supported()
+
+
 def _mpi_environment() -> None:
     """Ranks from mpi4py, keeping the user's MASTER_ADDR (and MASTER_PORT, else one rank 0 picks)."""
     from mpi4py import MPI

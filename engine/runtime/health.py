@@ -12,7 +12,10 @@ The failure modes of a long data-parallel job, and what ends each:
   ``train.collective_timeout`` seconds; the heartbeats show it behind the others, which names it;
 - every rank stalls, or one stalls outside any collective: each rank's watchdog notices its own main
   thread made no progress for ``train.collective_timeout`` seconds and aborts the job;
-- rank 0 dies: the store lives in its process; a watchdog that cannot reach it names rank 0 and exits.
+- rank 0 dies: the store lives in its process; a watchdog that cannot reach it names rank 0 and exits;
+- the launcher ends the job (DeepSpeed's launcher SIGTERMs every rank about a second after one exits
+  non-zero, Slurm on preemption): a SIGTERM handler reports which rank died, if one did, before exiting,
+  so the report does not depend on whether a survivor's collective failed first.
 
 Heartbeats go through ``torch.distributed``'s own TCPStore (the one every rank rendezvoused on), so this
 works under the deepspeed launcher, pdsh, mpirun and Slurm alike, on gloo and NCCL.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -49,17 +53,35 @@ class Health:
         self.progress, self.step, self.phase = 0, 0, "start"
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
-        self._lock = threading.Lock()  # the watchdog and a failing main thread must not both report
+        # The watchdog and a failing main thread must not both report; re-entrant, because the SIGTERM
+        # handler runs on the main thread and may interrupt it while it reports.
+        self._lock = threading.RLock()
         self._thread: Optional[threading.Thread] = None
+        self._previous_sigterm = None
+        self._exiting = False  # set once this rank reports its end: a SIGTERM then adds nothing
 
     def start(self) -> Health:
         self._beat()
         self._thread = threading.Thread(target=self._watch, name="biodistill-watchdog", daemon=True)
         self._thread.start()
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._terminated)
         return self
+
+    def _terminated(self, signum, frame) -> None:
+        """SIGTERM: name a rank that died (the usual reason a launcher ends the others), then exit."""
+        if self._exiting:
+            os._exit(1)
+        where = f"rank {self.rank} was ended by SIGTERM at step {self.step} ({self.phase})"
+        cause = self.diagnose(stalled=False)
+        message = f"{cause}; {where}" if cause else where
+        self._post_abort(message)
+        self._exit(message)
 
     def stop(self) -> None:
         self._stop.set()
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     def mark(self, step: int, phase: str) -> None:
         """The main thread reached ``phase`` of ``step``. Every rank marks the same sequence of phases, so
@@ -165,6 +187,7 @@ class Health:
 
     def _exit(self, message: str, quiet: bool = False) -> None:
         with self._lock:
+            self._exiting = True
             if not quiet:
                 print(f"biodistill: error: rank {self.rank}: {message}", file=sys.stderr, flush=True)
             sys.stdout.flush()

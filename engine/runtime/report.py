@@ -29,13 +29,13 @@ class Reporter:
             out.mkdir(parents=True, exist_ok=True)
             self.metrics_log = open(out / "metrics.jsonl", "a", encoding="utf-8")
 
-    def train(self, step: int, window: torch.Tensor, micro_steps: int, seconds: float, skips: dict, bar) -> None:
-        """One log interval: ``window`` is [loss, *terms, tokens] summed over this rank's micro-steps;
-        ``micro_steps`` counts them over every rank."""
+    def train(self, step: int, window: torch.Tensor, seconds: float, skips: dict, bar) -> None:
+        """One log interval: ``window`` is [loss, *terms, tokens, kept] summed over this rank's micro-batches,
+        ``kept`` counting those not skipped (the only ones in the sums)."""
         window = window.clone()
         dist.all_reduce(window)  # one collective per log interval, not per step
-        tokens = window[-1].item()
-        means = (window[:-1] / micro_steps).tolist()
+        *sums, tokens, kept = window.tolist()  # the interval's one host read
+        means = [x / max(kept, 1) for x in sums]
         metrics = {
             "loss": means[0],
             **dict(zip(self.term_names, means[1:])),

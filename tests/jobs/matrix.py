@@ -2,7 +2,8 @@
 process group (a launch costs ~20 s here; a Trainer ~2 s). Each setting writes its own output
 directory (``<out>.d/<name>``: monitor CSVs, checkpoints, summary.json); rank 0 also writes, per
 setting, its summary (job shape, held-out metrics, per-rank weight digests, memory, step time) to
-``--out``.
+``--out``. ``--count-syncs`` adds, per setting, the host-device syncs its training steps made on rank 0
+(``syncs.py``).
 
     deepspeed --num_gpus 2 tests/jobs/matrix.py --config r.yaml --out results.json \
         --run zero0 --deepspeed.zero_stage 0 --run zero3-bf16 --deepspeed.zero_stage 3 --train.precision bf16
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 
+import syncs
 import torch.distributed as dist
 
 from biodistill.engine.config import load_recipe
@@ -37,12 +39,19 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument("--count-syncs", action="store_true")
     args, rest = parser.parse_known_args()
     results, trainer = {}, None
+    calls = syncs.install() if args.count_syncs else None
     for name, overrides in settings(rest).items():
         recipe = load_recipe(args.config, [*overrides, "--train.output_dir", f"{args.out}.d/{name}"])
         trainer = Trainer(recipe)
         results[name] = trainer.fit()
+        if calls is not None:
+            by_owner: dict[str, list[str]] = {}
+            for call in calls:
+                by_owner.setdefault(syncs.owner(call), []).append(call)
+            results[name]["syncs_in_train_step"], calls[:] = by_owner, []
         for engine in (trainer.engine, trainer.teacher_engine):
             if engine is not None:
                 engine.destroy()  # its hooks and buffers, before the next setting builds its own
