@@ -410,4 +410,3 @@ def test_a_nonfinite_value_in_any_teacher_layer_is_seen(tiny_teacher):
                     out = encode(teacher, ids, mask, needs)
                 hook.remove()
                 assert bool(_nonfinite(out)), (layer, value, row, pos)
-

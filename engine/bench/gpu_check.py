@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+# The checkout it runs in (`make gpu-check` runs at its root): the tests and BENCHMARKS.md live there, also
+# when biodistill itself was installed from a wheel (an offline GPU machine).
+REPO = Path.cwd()
 
 
 @dataclass
@@ -136,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the plumbing")
     parser.add_argument("--out", help="the Markdown file the section goes to (default BENCHMARKS.md; dry run: "
                         "runs/gpu-check/dry-run.md)")  # fmt: skip
-    parser.add_argument("--logs", default=str(REPO / "runs" / "gpu-check"), help="each step's full output")
+    parser.add_argument("--logs", default="runs/gpu-check", help="each step's full output")
     parser.add_argument("--budget", type=float, default=470, help="seconds for all steps together")
     args = parser.parse_args(argv)
+    if not (REPO / "tests" / "conftest.py").is_file():
+        print(f"gpu-check: run it at the repository's root (no tests/ under {REPO})", file=sys.stderr)
+        return 2
     if not args.dry_run and not torch.cuda.is_available():
         print(
             "gpu-check: no CUDA device here; `make gpu-check DRY_RUN=1` checks the plumbing on a CPU", file=sys.stderr
