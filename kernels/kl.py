@@ -21,7 +21,7 @@ spilled registers travel through L1/L2/HBM, which is exactly the traffic the one
 Staging the row in shared memory in its input dtype (4V = 122 KB at 30,522, one CTA per SM on Hopper's
 227 KB or an A100's 163 KB) would also work, but Triton exposes no indexable shared buffer for it, and
 L2 does the same job below.
-The byte model of the streamed path at CHUNK = 8,192 over 16 warps: 87 registers a thread, no spill
+The byte model of the streamed path at CHUNK = 8,192 over 16 warps: 86-94 registers a thread, no spill
 (sm_80 and sm_90), so one 512-thread CTA per SM holds one row at a time: 132 rows in flight on an
 H100/H200 (108 on an A100), 132 x 4V = 16 MB at V = 30,522, a third of the 50 MB L2 (40 MB on an
 A100). Pass one loads with evict_last, pass two reads the same lines back (newest first) with

@@ -78,3 +78,42 @@ def test_student_from_config_and_from_checkpoint(tiny_teacher, tmp_path):
 
     ref = AutoModelForMaskedLM.from_pretrained(ckpt)
     assert all(torch.equal(a, b) for a, b in zip(cont.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "family, attn",
+    [("bert", "eager"), ("bert", "sdpa"), ("distilbert", "eager"), ("distilbert", "sdpa"), ("minialbert", "eager")],
+)
+def test_masks_decided_on_the_host_compute_what_the_model_computes(family, attn, tmp_path):
+    """encode gives the model no mask for an unpadded batch and a prepared 4-D one for a padded batch (no host
+    read of the mask inside the forward): the outputs are those of the model's own forward on the 2-D mask."""
+    from transformers import AutoModelForMaskedLM, BertConfig, DistilBertConfig
+
+    from biodistill.engine.models.minialbert import MiniAlbertConfig
+
+    small = dict(vocab_size=300, max_position_embeddings=32)
+    config = {
+        "bert": BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **small),
+        "distilbert": DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **small),
+        "minialbert": MiniAlbertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, embedding_size=16, **small),
+    }[family]  # fmt: skip
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_config(config).eval()
+    ids = torch.randint(5, 300, (3, 10))
+    needs = Needs(hidden_states=True, attentions=attn == "eager")
+    for mask, padded in (
+        (torch.ones_like(ids), False),
+        (torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7]), True),
+    ):
+        with torch.no_grad():
+            ours = encode(model, ids, mask, needs, padded=padded)
+            theirs = model.base_model(
+                ids, attention_mask=mask, output_hidden_states=True, output_attentions=needs.attentions
+            )
+        valid = mask.bool()  # padded query rows are not compared: no loss reads them
+        for a, b in zip(ours.hidden_states, theirs.hidden_states):
+            torch.testing.assert_close(a[valid], b[valid], rtol=1e-5, atol=1e-6)
+        for a, b in zip(ours.attentions or (), theirs.attentions or ()):
+            torch.testing.assert_close(a.transpose(1, 2)[valid], b.transpose(1, 2)[valid], rtol=1e-5, atol=1e-6)

@@ -107,7 +107,7 @@ def encode(
     try:
         out = model.base_model(
             input_ids=input_ids,
-            attention_mask=model_mask(attention_mask, padded, next(model.parameters()).dtype),
+            attention_mask=model_mask(model, attention_mask, padded),
             output_hidden_states=needs.hidden_states,
             output_attentions=needs.attentions,
             return_dict=True,
@@ -134,14 +134,25 @@ def encode(
     )
 
 
-def model_mask(attention_mask: torch.Tensor, padded: bool, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The mask a model's forward is given. From a 2-D mask, transformers decides whether it may skip the
+# Model types whose forward builds its attention mask with transformers' create_bidirectional_mask alone
+# (or, MiniALBERT, as plain key padding), so that a prepared 4-D mask is taken as it is. Others keep the 2-D
+# mask: ModernBERT derives its local layers' sliding window from it, DeBERTa builds its own pairwise mask.
+_PREPARED_MASK_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mobilebert", "albert", "electra", "minialbert"}
+)
+
+
+def model_mask(model: nn.Module, attention_mask: torch.Tensor, padded: bool) -> Optional[torch.Tensor]:
+    """The mask ``model``'s forward is given. From a 2-D mask, transformers decides whether it may skip the
     mask by reading it on the host (``padding_mask.all()``): a host-device sync in every forward. So the
     engine decides on the host instead: no mask when no token is padding (attention may then take the
-    flash path), else a prepared ``[B, 1, 1, T]`` additive mask in the model's dtype, which transformers'
-    mask functions take as it is (and MiniALBERT too), for eager and SDPA attention alike."""
+    flash path), else, for the model types above, a prepared ``[B, 1, 1, T]`` additive mask in the model's
+    dtype, which their mask functions take as it is, for eager and SDPA attention alike."""
     if not padded:
         return None
+    if model.config.model_type not in _PREPARED_MASK_TYPES:
+        return attention_mask
+    dtype = next(model.parameters()).dtype
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
