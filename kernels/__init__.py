@@ -9,6 +9,7 @@ Nothing in this package imports the engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -18,7 +19,7 @@ from torch import nn
 from . import reference
 from .reference import Reduction
 
-__all__ = ["TemperatureKL", "bottleneck_adapter", "temperature_kl", "use_triton"]
+__all__ = ["TemperatureKL", "bottleneck_adapter", "kernel_mode", "temperature_kl", "use_triton"]
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -27,6 +28,20 @@ def use_triton(x: torch.Tensor) -> bool:
     if mode not in ("auto", "reference", "triton"):
         raise ValueError(f"BIODISTILL_KERNELS must be auto, reference or triton, got {mode!r}")
     return mode == "triton" or (mode == "auto" and x.is_cuda)
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    """``BIODISTILL_KERNELS=mode`` for the block (A/B benchmarks), then as it was."""
+    previous = os.environ.get("BIODISTILL_KERNELS")
+    os.environ["BIODISTILL_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("BIODISTILL_KERNELS", None)
+        else:
+            os.environ["BIODISTILL_KERNELS"] = previous
 
 
 def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps=1e-12):

@@ -217,6 +217,7 @@ def bench_adapter(args) -> str:
 def bench_step(args) -> str:
     """A MiniALBERT-312 masked-LM training step (forward, backward, AdamW), adapters fused vs eager."""
     from ..engine.models.minialbert import MiniAlbertConfig, MiniAlbertForMaskedLM
+    from . import kernel_mode
 
     device, dtype = args.device, getattr(torch, args.dtype)
     config = (
@@ -237,17 +238,11 @@ def bench_step(args) -> str:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rows, previous = [], os.environ.get("BIODISTILL_KERNELS")
-    try:
-        for name, mode in (("eager adapters", "reference"), ("fused adapters", "triton")):
-            os.environ["BIODISTILL_KERNELS"] = mode
+    rows = []
+    for name, mode in (("eager adapters", "reference"), ("fused adapters", "triton")):
+        with kernel_mode(mode):  # the switch is process-wide: left as found
             ms = median_ms(step, device, args.reps)
-            rows.append((name, {"fwd+bwd ms": ms, "tokens/s": batch * length / ms * 1e3}))
-    finally:  # the switch is process-wide: leave it as found
-        if previous is None:
-            os.environ.pop("BIODISTILL_KERNELS", None)
-        else:
-            os.environ["BIODISTILL_KERNELS"] = previous
+        rows.append((name, {"fwd+bwd ms": ms, "tokens/s": batch * length / ms * 1e3}))
     title = f"MiniALBERT training step: {batch} x {length} tokens, {args.dtype}, {_device_name(device)}"
     return table(title, rows, baseline="eager adapters")
 

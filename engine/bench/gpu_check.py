@@ -51,14 +51,14 @@ class Step:
 def steps(dry_run: bool) -> list[Step]:
     py = [sys.executable, "-m"]
     small = ["--small", "--no-compile"] if dry_run else []
-    compiled = {"TRITON_INTERPRET": "0"}  # the tests' conftest defaults to the interpreter
+    compiled = {"TRITON_INTERPRET": "0"}  # real compiles (the tests' conftest defaults to the interpreter)
     return [
         Step("GPU-marked tests", [*py, "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 150, compiled),
         Step(
             "Kernel resources (kernels.inspect)",
             [*py, "biodistill.kernels.inspect", *(["--only", "adapter", "--arch", "90"] if dry_run else [])],
             60,
-            {"TRITON_INTERPRET": "0"},
+            compiled,
         ),
         Step("Fused temperature KL (kernels.bench kl)", [*py, "biodistill.kernels.bench", "kl", *small], 120),
         Step(

@@ -23,7 +23,6 @@ with the recipe's ZeRO stage. ``--dry-run`` is the same plumbing at the smoke sh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -36,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ...kernels import kernel_mode
 from ..config import load_recipe
 from ..data.batches import to_device
 from ..models.smoke import smoke
@@ -85,20 +85,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-@contextlib.contextmanager
-def kernels(mode: str):
-    """``BIODISTILL_KERNELS`` set for the block (read at every kernel call), then restored."""
-    previous = os.environ.get("BIODISTILL_KERNELS")
-    os.environ["BIODISTILL_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("BIODISTILL_KERNELS", None)
-        else:
-            os.environ["BIODISTILL_KERNELS"] = previous
-
-
 def bench_recipe(config: str, micro_batch: int, length: int, precision: str, steps: int, dry_run: bool, scratch: str):
     """``(results, trainer)`` for one recipe, its models and run under ``scratch``; the caller closes the
     trainer (its process group serves the next recipe)."""
@@ -126,7 +112,7 @@ def bench_recipe(config: str, micro_batch: int, length: int, precision: str, ste
         trainer.teacher_outputs(next(teacher_feed))
 
     tokens = micro_batch * length * trainer.grad_accum
-    with kernels("reference"):  # FLOPs are the same either way; count them through plain PyTorch ops
+    with kernel_mode("reference"):  # FLOPs are the same either way; count them through plain PyTorch ops
         step_flops, teacher_flops = count_flops(step), count_flops(teacher_forward)
     result = {
         "recipe": r.name.removesuffix("-smoke"),
@@ -148,10 +134,10 @@ def bench_recipe(config: str, micro_batch: int, length: int, precision: str, ste
         result["spec_peak_tflops"] = spec_peak(result["device"]) / 1e12
     modes = ("auto", "reference")
     for mode in modes:  # first calls (Triton's compile, DeepSpeed's lazy buffers) before either is timed
-        with kernels(mode):
+        with kernel_mode(mode):
             step(), teacher_forward()
     for mode in modes:
-        with kernels(mode):
+        with kernel_mode(mode):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             ms = median_ms(step, device, steps)
