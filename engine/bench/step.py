@@ -91,6 +91,8 @@ def bench_recipe(config: str, micro_batch: int, length: int, precision: str, ste
     from ..trainer import Trainer
 
     base = load_recipe(config, ["--train.output_dir", scratch], check_paths=False)
+    if not base.needs_teacher():  # the teacher's share and FLOPs are half of what this reports
+        raise SystemExit(f"{config}: trains with MLM alone (no teacher); the step benchmark times distillation recipes")
     r = smoke(base, full_size=not dry_run)
     r.data = dataclasses.replace(r.data, max_length=length)
     r.train = dataclasses.replace(

@@ -33,8 +33,7 @@ from .resume import Position
 
 log = logging.getLogger("biodistill")
 
-KINDS = ("nonfinite_loss", "teacher_nonfinite")
-WHAT = {
+WHAT = {  # the kinds Position.skips counts
     "nonfinite_loss": "student loss",
     "teacher_nonfinite": "teacher outputs (an fp16 teacher overflowing?)",
 }
