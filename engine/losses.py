@@ -20,7 +20,17 @@ from torch import nn
 
 from ..kernels import temperature_kl
 from .config import ConfigError, LossesConfig, LossTermConfig
-from .models.outputs import NOTHING, Needs, Outputs, encode, hidden_size, num_heads, num_layers
+from .models.outputs import (
+    NOTHING,
+    Needs,
+    Outputs,
+    attention_window,
+    encode,
+    hidden_size,
+    num_heads,
+    num_layers,
+    score_definition,
+)
 
 _ATTN_EPS = 1e-12  # floor inside the logs of the attention KL, as the published scripts used
 
@@ -186,6 +196,14 @@ class _AttentionTerm(LossTerm):
         hs, ht = num_heads(ctx.student_config), num_heads(ctx.teacher_config)
         if hs != ht:
             raise ctx.error("kind", f"attention terms compare head by head: student has {hs} heads, teacher {ht}")
+        for s, t in self.pairs:
+            seen = [_keys_seen(ctx.student_config, s), _keys_seen(ctx.teacher_config, t)]
+            if seen[0] != seen[1]:
+                raise ctx.error(
+                    "layer_map",
+                    f"pair [{s}, {t}]: student layer {s} attends to {seen[0]}, teacher layer {t} to {seen[1]}; "
+                    "their maps cover different keys, so pair layers of the same kind",
+                )
 
     def forward(self, student, teacher, batch):
         # Padded keys carry probability 0 in both maps; padded query rows are excluded.
@@ -197,6 +215,14 @@ class _AttentionTerm(LossTerm):
             count = valid.sum() * elem.shape[1] * elem.shape[-1]
             total = total + (elem * valid).sum() / count.clamp(min=1)
         return total
+
+
+def _keys_seen(config, layer: int) -> str:
+    """The keys attention layer ``layer`` (1-based) of ``config``'s model reads, in words."""
+    window = attention_window(config, layer - 1)
+    if window is None:
+        return "every key"
+    return f"a local window of {window} keys either side ({config.model_type})"
 
 
 class AttentionKL(_AttentionTerm):
@@ -222,6 +248,20 @@ class AttentionScoreMSE(AttentionMSE):
     teacher_needs = Needs(scores=True)
     source = "scores"
 
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        try:
+            student, teacher = score_definition(ctx.student_config), score_definition(ctx.teacher_config)
+        except ValueError as e:
+            raise ctx.error("kind", str(e)) from None
+        if student != teacher:
+            raise ctx.error(
+                "kind",
+                f"attention_score_mse compares pre-softmax scores, and these differ in kind: the student's "
+                f"({ctx.student_config.model_type}) are {student}, the teacher's ({ctx.teacher_config.model_type}) "
+                f"{teacher}; compare post-softmax maps across families (attention_kl, attention_mse)",
+            )
+
 
 LOSSES: dict[str, type[LossTerm]] = {
     "mlm": MLMLoss,
@@ -233,6 +273,44 @@ LOSSES: dict[str, type[LossTerm]] = {
     "attention_mse": AttentionMSE,
     "attention_score_mse": AttentionScoreMSE,
 }
+
+
+ATTENTION_TERMS = ("attention_kl", "attention_mse", "attention_score_mse")
+
+
+def attention_maps_note(recipe, student_config, teacher_config, element_bytes: int, device_bytes=None):
+    """What attention terms hold in memory, in words, when it matters (over 1 GiB), else None; a ConfigError
+    naming ``data.max_length`` when the maps alone outgrow ``device_bytes``.
+
+    A term that reads attention maps or scores gets every layer's ``[B, heads, T, T]`` of both models (eager
+    attention materialises them, and transformers returns all layers, not only the mapped ones): memory
+    quadratic in the sequence, which at ModernBERT's 8k positions is hundreds of GiB."""
+    terms = [t.kind for t in recipe.losses.terms if t.kind in ATTENTION_TERMS]
+    if not terms:
+        return None
+    micro, length = recipe.train.micro_batch_size, recipe.data.max_length
+    sizes = [
+        (role, num_layers(c), num_heads(c), num_layers(c) * num_heads(c) * micro * length**2 * element_bytes)
+        for role, c in (("teacher", teacher_config), ("student", student_config))
+        if c is not None
+    ]
+    total = sum(size for *_, size in sizes)
+    if total < 2**30 and device_bytes is None:
+        return None
+    each = " and ".join(f"{size / 2**30:.1f} GiB for the {role}'s ({layers} layers x {heads} heads)"
+                        for role, layers, heads, size in sizes)  # fmt: skip
+    note = (
+        f"{', '.join(terms)} keep every layer's T x T attention maps per head: at data.max_length {length} and "
+        f"train.micro_batch_size {micro}, {each} in {element_bytes}-byte precision, before any other activation"
+    )
+    if device_bytes is not None and total > device_bytes:
+        raise ConfigError(
+            recipe.source,
+            "data.max_length",
+            f"{note}; the device has {device_bytes / 2**30:.1f} GiB. Lower data.max_length or "
+            "train.micro_batch_size, or use hidden-state and logit terms, which stay linear in T",
+        )
+    return note if total >= 2**30 else None
 
 
 def build_terms(losses: LossesConfig, student_config, teacher_config, source: str) -> list[LossTerm]:

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from .config import Recipe, model_location, resolve_precision
 from .data import batches, cache, stream
 from .data.tokenise import VocabMap, recipe_tokenizer
-from .losses import DistillationModel, build_terms
+from .losses import DistillationModel, attention_maps_note, build_terms
 from .models.outputs import NOTHING, Needs, Outputs, encode, hidden_size
 from .models.students import build_student, student_config, teacher_config
 from .models.teacher import load_teacher, place_teacher, resident_bytes, seen_by_terms
@@ -86,6 +86,7 @@ class Trainer:
         teachers = teacher_config(r)
         students = student_config(r, teachers)
         probe = build_terms(r.losses, students, seen_by_terms(r, teachers, students), r.source)
+        self._attention_memory(students, teachers)
         student_needs = teacher_needs = Needs()
         for term in probe:
             student_needs, teacher_needs = student_needs | term.student_needs, teacher_needs | term.teacher_needs
@@ -111,6 +112,15 @@ class Trainer:
         seen = seen_by_terms(r, self.teacher.config if self.teacher else None, self.student.config)
         terms = build_terms(r.losses, self.student.config, seen, r.source)
         self.model = DistillationModel(self.student, terms, [t.weight for t in r.losses.terms])
+
+    def _attention_memory(self, students, teachers) -> None:
+        """Say what attention terms hold at this length; refuse what cannot fit on this device."""
+        device = self.dist.device
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        element_bytes = 4 if self.recipe.train.precision == "fp32" else 2
+        note = attention_maps_note(self.recipe, students, teachers, element_bytes, total)
+        if note and self.dist.rank == 0:
+            log.warning(note)
 
     def _build_engine(self) -> None:
         r = self.recipe

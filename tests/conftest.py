@@ -185,6 +185,21 @@ def launch(
     return proc
 
 
+def matrix(recipe: Path, out: Path, settings: dict[str, list[str]], *flags: str) -> dict:
+    """One real 2-rank job training ``recipe`` under each of ``settings`` (name -> overrides) in turn
+    (tests/jobs/matrix.py): one launch for many runs. Returns each run's summary; each run's files lie in
+    ``<out>.d/<name>``."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += [str(REPO / "tests" / "jobs" / "matrix.py"), "--config", str(recipe), "--out", str(out), *flags]
+    for name, overrides in settings.items():
+        cmd += ["--run", name, *overrides]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    with shm_released():
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 def csv_metric(run_dir: Path, name: str) -> dict[int, float]:
     path = run_dir / "monitor" / "csv" / f"{name}.csv"
     rows = path.read_text().splitlines()[1:]

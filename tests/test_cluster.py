@@ -21,6 +21,7 @@ from conftest import (
     free_port,
     launch,
     make_bert,
+    matrix,
     recipe_dict,
     shm_released,
     summary,
@@ -85,13 +86,7 @@ def test_zero_stages_precisions_accumulation_and_teacher_placements(tmp_path, st
             "--teacher.placement", placement, "--deepspeed.zero_stage", "3", "--train.precision", "bf16",
             "--train.grad_accum", "2", "--train.micro_batch_size", "2",
         ]  # fmt: skip
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd += [str(REPO / "tests" / "jobs" / "matrix.py"), "--config", str(recipe), "--out", str(tmp_path / "out.json")]
-    cmd += ["--count-syncs"]
-    for name, overrides in settings.items():
-        cmd += ["--run", name, *overrides]
-    run(cmd, REPO, {"MASTER_ADDR": "127.0.0.1"})
-    results = json.loads((tmp_path / "out.json").read_text())
+    results = matrix(recipe, tmp_path / "out.json", settings, "--count-syncs")
     loss = {name: csv_metric(tmp_path / "out.json.d" / name, "train_loss") for name in settings}
 
     for name, s in results.items():

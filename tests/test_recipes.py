@@ -44,6 +44,9 @@ PARAMS = {
         (6, 768, 12, 28996),
         "the -312 count less 184 embedding columns",
     ),
+    # Not published models: the example recipes of the modern families.
+    "bioclinical-modernbert-6l": (68.773632, 1e-9, (6, 768, 12, 50368), "6 of ModernBERT-base's 22 layers"),
+    "deberta-v3-6l": (141.30432, 1e-9, (6, 768, 12, 128100), "6 of DeBERTa-v3-base's 12 layers"),
 }
 
 
@@ -90,6 +93,8 @@ def test_full_size_student_has_the_published_architecture(path):
         "distilbert": "DistilBertModel",
         "mobilebert": "MobileBertModel",
         "minialbert": "MiniAlbertModel",
+        "modernbert": "ModernBertModel",
+        "deberta-v2": "DebertaV2Model",
     }
     assert type(model).__name__ == family[config.model_type]  # transformers' own classes
     assert (num_layers(config), hidden_size(config), num_heads(config), config.vocab_size) == (

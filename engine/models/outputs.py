@@ -1,5 +1,7 @@
 """What the engine asks of a Hugging Face encoder: hidden states, attention maps (post-softmax, or the
-pre-softmax scores TinyBERT matches), and LM-head logits at selected rows only.
+pre-softmax scores TinyBERT matches, as each family's own attention computes them), and LM-head logits at
+selected rows only. The per-family knowledge lives in the tables below, keyed by ``model_type``: a family
+missing from one fails at start, by name, never silently.
 
 Running the LM head over every token builds an N x V logit tensor (8 x 256 tokens x 29k vocab is 240 MB
 in fp32 per model); the published recipes only use logits at the MLM-masked rows, about 15% of them.
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import minialbert  # noqa: F401  (registers MiniALBERT with the Auto classes)
 
@@ -57,6 +61,11 @@ _MLM_HEADS: dict[str, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tenso
     "distilbert": lambda m: nn.Sequential(m.vocab_transform, m.activation, m.vocab_layer_norm, m.vocab_projector),
     "minialbert": lambda m: m.mlm_head,
     "electra": lambda m: nn.Sequential(m.generator_predictions, m.generator_lm_head),
+    "modernbert": lambda m: nn.Sequential(m.head, m.decoder),
+    # DeBERTa-v2/v3: the legacy BERT-style head, or the newer one that reads the tied word embeddings.
+    "deberta-v2": lambda m: (
+        m.cls if m.legacy else (lambda h: m.lm_predictions(h, m.deberta.embeddings.word_embeddings))
+    ),
 }
 
 
@@ -101,9 +110,7 @@ def encode(
     ``rows`` indexes ``[B*T]`` (flattened batch and time); the logits come back as ``[len(rows), V]``.
     ``padded`` (known on the host, from the collator) says whether any token is padding; see model_mask.
     """
-    pairs = query_key_modules(model) if needs.scores else []
-    captured: dict[nn.Module, list[torch.Tensor]] = {m: [] for pair in pairs for m in pair}
-    hooks = [module.register_forward_hook(lambda m, _i, out: captured[m].append(out)) for module in captured]
+    tap = score_tap(model) if needs.scores else None
     try:
         out = model.base_model(
             input_ids=input_ids,
@@ -112,14 +119,10 @@ def encode(
             output_attentions=needs.attentions,
             return_dict=True,
         )
+        scores = tap.scores(attention_mask) if tap is not None else None
     finally:
-        for hook in hooks:
-            hook.remove()
-    scores = None
-    if needs.scores:
-        calls = {m: iter(outs) for m, outs in captured.items()}  # the i-th pair reads each module's i-th call
-        projections = [(next(calls[q]), next(calls[k])) for q, k in pairs]
-        scores = _scores(projections, attention_mask, num_heads(model.config))
+        if tap is not None:
+            tap.close()
     logits = None
     if needs.logits:
         if rows is None:
@@ -137,9 +140,13 @@ def encode(
 # Model types whose forward builds its attention mask with transformers' create_bidirectional_mask alone
 # (or, MiniALBERT, as plain key padding), so that a prepared 4-D mask is taken as it is. Others keep the 2-D
 # mask: ModernBERT derives its local layers' sliding window from it, DeBERTa builds its own pairwise mask.
+# DeBERTa is always given it: without one it reads input_ids on the host to warn about unmasked padding.
 _PREPARED_MASK_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mobilebert", "albert", "electra", "minialbert"}
 )
+
+
+_ALWAYS_MASKED_TYPES = frozenset({"deberta-v2"})
 
 
 def model_mask(model: nn.Module, attention_mask: torch.Tensor, padded: bool) -> Optional[torch.Tensor]:
@@ -148,6 +155,8 @@ def model_mask(model: nn.Module, attention_mask: torch.Tensor, padded: bool) -> 
     engine decides on the host instead: no mask when no token is padding (attention may then take the
     flash path), else, for the model types above, a prepared ``[B, 1, 1, T]`` additive mask in the model's
     dtype, which their mask functions take as it is, for eager and SDPA attention alike."""
+    if model.config.model_type in _ALWAYS_MASKED_TYPES:
+        return attention_mask
     if not padded:
         return None
     if model.config.model_type not in _PREPARED_MASK_TYPES:
@@ -156,34 +165,169 @@ def model_mask(model: nn.Module, attention_mask: torch.Tensor, padded: bool) -> 
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def query_key_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    model_type = model.config.model_type
-    if model_type not in _QUERY_KEY:
-        raise ValueError(f"no attention-score adapter for model_type '{model_type}'; known: {', '.join(_QUERY_KEY)}")
-    return _QUERY_KEY[model_type](model.base_model)
+# ------------------------------------------------------------------------------- pre-softmax scores
 
 
-def _scores(
-    projections: list[tuple[torch.Tensor, torch.Tensor]], attention_mask, heads: int
-) -> tuple[torch.Tensor, ...]:
-    """Pre-softmax scores QK^T/sqrt(d) per layer from each layer's (query, key) projection outputs.
+class _ProjectionTap:
+    """Scores from each layer's query and key projections, QK^T/sqrt(d): all the BERT family's attention
+    computes before its softmax (positions enter at the embeddings), so SDPA or flash attention may run.
 
     TinyBERT adds the -10000 mask and then zeroes every entry <= -100; zeroing the padded keys of the
     unmasked scores is the same thing without the accident of zeroing a genuinely low score.
     """
-    out = []
-    for q, k in projections:
-        keep = attention_mask[:, None, None, :].to(q.dtype)
-        b, t, width = q.shape
-        q = q.view(b, t, heads, width // heads).transpose(1, 2)
-        k = k.view(b, t, heads, width // heads).transpose(1, 2)
-        out.append(torch.matmul(q, k.transpose(-1, -2)) * (width // heads) ** -0.5 * keep)
-    return tuple(out)
+
+    def __init__(self, model: nn.Module):
+        self.pairs = _QUERY_KEY[model.config.model_type](model.base_model)
+        self.heads = num_heads(model.config)
+        self.captured: dict[nn.Module, list[torch.Tensor]] = {m: [] for pair in self.pairs for m in pair}
+        self.hooks = [
+            module.register_forward_hook(lambda m, _i, out: self.captured[m].append(out)) for module in self.captured
+        ]
+
+    def scores(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls = {m: iter(outs) for m, outs in self.captured.items()}  # the i-th pair reads each module's i-th call
+        out = []
+        for query, key in self.pairs:
+            q, k = next(calls[query]), next(calls[key])
+            keep = attention_mask[:, None, None, :].to(q.dtype)
+            b, t, width = q.shape
+            q = q.view(b, t, self.heads, width // self.heads).transpose(1, 2)
+            k = k.view(b, t, self.heads, width // self.heads).transpose(1, 2)
+            out.append(torch.matmul(q, k.transpose(-1, -2)) * (width // self.heads) ** -0.5 * keep)
+        return tuple(out)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
-def attn_implementation(needs: Needs) -> Optional[str]:
-    # SDPA and flash kernels never materialise the probabilities, so attention terms need eager attention.
-    return "eager" if needs.attentions else None
+_SOFTMAXES = (F.softmax, torch.softmax, torch.Tensor.softmax)
+
+
+class _SoftmaxInputs(TorchFunctionMode):
+    """Records what every softmax inside one attention module's forward is applied to."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _SOFTMAXES:
+            self.inputs.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+class _SoftmaxTap:
+    """Scores read where the family's own attention takes its softmax: the very tensor it normalises.
+
+    For families whose scores are more than QK^T/sqrt(d) of two projections, so that re-deriving them
+    would re-implement the family: DeBERTa's disentangled attention adds content-to-position and
+    position-to-content terms and scales by sqrt(3d); ModernBERT rotates queries and keys inside the
+    module (RoPE, with a different base for its global and local layers) and masks its local layers to a
+    window. Needs eager attention: SDPA and flash never hold the scores. Entries the family masks (padded
+    keys and queries, keys outside a local layer's window) are zeroed, as the projection tap zeroes padded
+    keys, so that a masked entry (a dtype's lowest value) never meets another model's in a difference.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.config = model.config
+        self.modules = _SOFTMAX_INPUTS[model.config.model_type](model.base_model)
+        self.calls: dict[nn.Module, list[list[torch.Tensor]]] = {m: [] for m in self.modules}
+        self.open: list[_SoftmaxInputs] = []
+        self.hooks = []
+        for module in self.modules:
+            self.hooks.append(module.register_forward_pre_hook(self._enter))
+            self.hooks.append(module.register_forward_hook(self._exit))
+
+    def _enter(self, module, _args):
+        self.open.append(_SoftmaxInputs().__enter__())
+
+    def _exit(self, module, _args, _out):
+        mode = self.open.pop()
+        mode.__exit__(None, None, None)
+        self.calls[module].append(mode.inputs)
+
+    def scores(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        t = attention_mask.shape[-1]
+        valid = attention_mask.bool()
+        pairwise = valid[:, None, :, None] & valid[:, None, None, :]
+        out = []
+        for layer, module in enumerate(self.modules):
+            inputs = self.calls[module][0] if self.calls[module] else []
+            if len(inputs) != 1:
+                raise RuntimeError(
+                    f"{self.config.model_type} layer {layer}: expected one softmax inside "
+                    f"{type(module).__name__}, saw {len(inputs)}; its attention is not the eager path the "
+                    "pre-softmax scores are read from"
+                )
+            keep = pairwise
+            window = attention_window(self.config, layer)
+            if window is not None:
+                i = torch.arange(t, device=valid.device)
+                keep = keep & ((i[:, None] - i[None, :]).abs() <= window)
+            out.append(torch.where(keep, inputs[0], 0))
+        return tuple(out)
+
+    def close(self) -> None:
+        while self.open:  # a forward that raised inside an attention module
+            self.open.pop().__exit__(None, None, None)
+        for hook in self.hooks:
+            hook.remove()
+
+
+# model_type -> each layer's attention module, whose one softmax normalises that layer's scores.
+_SOFTMAX_INPUTS: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
+    "modernbert": lambda base: [layer.attn for layer in base.layers],
+    "deberta-v2": lambda base: [layer.attention.self for layer in base.encoder.layer],
+}
+
+
+def _modernbert_window(config, layer: int) -> Optional[int]:
+    # A local layer sees keys within sliding_window (half of local_attention) on either side, inclusive.
+    return config.sliding_window if config.layer_types[layer] == "sliding_attention" else None
+
+
+# model_type -> the half-width of a layer's attention window, or None for a global layer.
+_SCORE_WINDOW: dict[str, Callable[..., Optional[int]]] = {"modernbert": _modernbert_window}
+
+
+def score_tap(model: nn.Module):
+    """Hooks on ``model`` that read each layer's pre-softmax scores during the next forward; ``close()`` them."""
+    model_type = model.config.model_type
+    if model_type in _SOFTMAX_INPUTS:
+        return _SoftmaxTap(model)
+    score_definition(model.config)  # a model type without an adapter fails here, by name
+    return _ProjectionTap(model)
+
+
+def attention_window(config, layer: int) -> Optional[int]:
+    """The half-width of the keys layer ``layer`` (0-based) attends to, or None when it attends to all."""
+    return _SCORE_WINDOW.get(config.model_type, lambda *_: None)(config, layer)
+
+
+def score_definition(config) -> str:
+    """What the model's pre-softmax attention score is, in words (two models' scores compare only when these
+    are equal); a ValueError for a model type the engine cannot read scores from."""
+    if config.model_type in _SCORE_DEFINITIONS:
+        return _SCORE_DEFINITIONS[config.model_type]
+    if config.model_type in _QUERY_KEY:
+        return "QK^T/sqrt(d), positions added to the embeddings"
+    known = ", ".join([*_QUERY_KEY, *_SOFTMAX_INPUTS])
+    raise ValueError(f"no attention-score adapter for model_type '{config.model_type}'; known: {known}")
+
+
+_SCORE_DEFINITIONS = {
+    "modernbert": "QK^T/sqrt(d) of rotated queries and keys (RoPE inside attention)",
+    "deberta-v2": "disentangled attention, QK^T plus content-to-position and position-to-content terms over sqrt(3d)",
+}
+
+
+def attn_implementation(needs: Needs, config) -> Optional[str]:
+    """ "eager" when a term needs what only eager attention holds, else None (the model's default: SDPA,
+    or flash). SDPA and flash never materialise the probabilities, nor the scores a family's softmax reads."""
+    if needs.attentions or (needs.scores and config.model_type in _SOFTMAX_INPUTS):
+        return "eager"
+    return None
 
 
 def num_layers(config) -> int:

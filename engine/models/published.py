@@ -22,11 +22,39 @@ _TINYBERT_4L = {
     "intermediate_size": 1200,
 }
 
+# ModernBERT-base: the transformers defaults (22 layers, 768 wide, global attention every third layer, a
+# 128-token local window elsewhere, 8,192 positions, 50,368-token BPE vocabulary).
+_MODERNBERT_BASE = {"model_type": "modernbert"}
+# DeBERTa-v3-base: 12 layers, 768 wide, disentangled attention over 256 log-bucketed relative positions, no
+# absolute position embeddings, 128,100-token SentencePiece vocabulary.
+_DEBERTA_V3_BASE = {
+    "model_type": "deberta-v2",
+    "vocab_size": 128100,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "pooler_hidden_size": 768,
+    "max_position_embeddings": 512,
+    "relative_attention": True,
+    "position_buckets": 256,
+    "norm_rel_ebd": "layer_norm",
+    "share_att_key": True,
+    "pos_att_type": ["p2c", "c2p"],
+    "layer_norm_eps": 1e-7,
+    "max_relative_positions": -1,
+    "position_biased_input": False,
+    "type_vocab_size": 0,
+}
+
 PUBLISHED: dict[str, dict] = {
     # teachers
     "dmis-lab/biobert-base-cased-v1.2": _BIOBERT,
     "dmis-lab/biobert-v1.1": _BIOBERT,
     "emilyalsentzer/Bio_ClinicalBERT": _BIOBERT,
+    "thomas-sounack/BioClinical-ModernBERT-base": _MODERNBERT_BASE,  # ModernBERT-base continued on PubMed+notes
+    "answerdotai/ModernBERT-base": _MODERNBERT_BASE,
+    "microsoft/deberta-v3-base": _DEBERTA_V3_BASE,
     # initial checkpoints of the continual-learning recipes
     "distilbert-base-cased": _DISTILBERT_CASED,
     "distilbert/distilbert-base-cased": _DISTILBERT_CASED,

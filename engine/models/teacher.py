@@ -16,7 +16,7 @@ import logging
 
 import deepspeed
 import torch
-from transformers import AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from ..config import ConfigError, Recipe, model_location, resolve_precision
 from ..runtime import hub
@@ -45,12 +45,11 @@ def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
 def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn.Module:
     """Load ``teacher.path``; with a masked-LM head only when a loss term needs logits."""
     location = model_location(recipe.teacher.path)
-    dtype = teacher_dtype(recipe, device)
-    kwargs = {"dtype": dtype}
-    if attn_implementation(needs):
-        kwargs["attn_implementation"] = attn_implementation(needs)
+    kwargs = {"dtype": teacher_dtype(recipe, device)}
     cls = AutoModelForMaskedLM if needs.logits else AutoModel
     try:
+        if attn_implementation(needs, AutoConfig.from_pretrained(location)):
+            kwargs["attn_implementation"] = "eager"
         model, info = cls.from_pretrained(location, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(recipe.source, "teacher.path", hub.load_error(recipe.teacher.path, e)) from None
