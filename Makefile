@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test lint bench-overhead bench-data bench-placement bench-kernels gpu-check
+.PHONY: install demo eval-demo test lint bench-overhead bench-data bench-placement bench-kernels gpu-check
 
 install:
 	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels onto a CPU machine.
@@ -17,6 +17,12 @@ demo: install
 	# its checkpoints (pass --resume to continue them).
 	rm -rf runs/demo
 	deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml
+
+eval-demo: install
+	# After make demo: fine-tune the demo's teacher, its student before distillation and the distilled student
+	# on the bundled NER and triage samples; print the table (runs/eval-demo/results.md). Reruns resume.
+	@test -d runs/demo/student || { echo "runs/demo/student is missing: run make demo first"; exit 1; }
+	$(PYTHON) -m biodistill.engine.evaluate --config configs/eval/demo.yaml
 
 test: install
 	$(PYTHON) -m pytest

@@ -16,12 +16,12 @@ setup(
     python_requires=">=3.10",
     packages=[
         "biodistill.engine",
-        *(f"biodistill.engine.{sub}" for sub in ("data", "models", "runtime", "bench")),
+        *(f"biodistill.engine.{sub}" for sub in ("data", "models", "runtime", "bench", "evaluate")),
         "biodistill.kernels",
     ],
     # Subpackages follow their parent's mapping: biodistill.engine.data is engine/data.
     package_dir={"biodistill.engine": "engine", "biodistill.kernels": "kernels"},
-    package_data={"biodistill.engine": ["assets/*.jsonl"]},
+    package_data={"biodistill.engine": ["assets/*.jsonl", "assets/eval/*/*"]},
     # torch is deliberately loose: install the pinned build first (README), so that nothing here
     # pulls a multi-GB CUDA wheel on a CPU machine.
     install_requires=[
@@ -36,6 +36,12 @@ setup(
         "tensorboard",
         "numpy",
         "pyarrow",
+        # downstream evaluation (biodistill-evaluate): transformers' Trainer needs accelerate; seqeval and
+        # scikit-learn score; matplotlib draws the report's plot
+        "accelerate>=1.0",
+        "seqeval>=1.2",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
@@ -48,6 +54,7 @@ setup(
         "console_scripts": [
             "biodistill-train=biodistill.engine.cli:main",
             "biodistill-prepare=biodistill.engine.data.cache:main",
+            "biodistill-evaluate=biodistill.engine.evaluate.cli:main",
         ]
     },
 )

@@ -189,8 +189,26 @@ def load_recipe(
     """Load ``path``, apply ``transform`` (e.g. ``--smoke``), then the ``--a.b value`` overrides, and
     validate. ``check_paths=False`` checks everything but the existence of the data files."""
     source = str(path)
+    raw = read_yaml(path, "recipe")
+    if transform is not None:
+        base = _convert(Recipe, raw, "", source, {})
+        base.source = source
+        raw = transform(base).to_dict()
+    sources = apply_overrides(raw, overrides or [], source)
+    if deepspeed_config:
+        _set_dotted(raw, "deepspeed.config", deepspeed_config, source)
+        sources["deepspeed.config"] = "command line --deepspeed_config"
+    recipe = _convert(Recipe, raw, "", source, sources)
+    recipe.source = source
+    validate(recipe, sources, check_paths)
+    return recipe
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> dict:
+    """The mapping at the top of the YAML file ``path`` (a recipe, an evaluation suite), or a ConfigError."""
+    source = str(path)
     if not Path(path).is_file():
-        raise ConfigError(source, "", "recipe file not found")
+        raise ConfigError(source, "", f"{what} file not found")
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -199,21 +217,24 @@ def load_recipe(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, "", f"the top level must be a mapping of sections, got {type(raw).__name__}")
-    if transform is not None:
-        base = _convert(Recipe, raw, "", source, {})
-        base.source = source
-        raw = transform(base).to_dict()
-    sources = {}  # dotted key -> where its value came from, so an override's error names the flag
-    for key, value in parse_overrides(overrides or []):
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict[str, str]:
+    """Apply ``--a.b value`` flags to ``raw`` in place; returns dotted key -> where its value came from, so
+    that a bad override's error names the flag, not the file."""
+    sources = {}
+    for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value, source)
         sources[key] = f"command line --{key}"
-    if deepspeed_config:
-        _set_dotted(raw, "deepspeed.config", deepspeed_config, source)
-        sources["deepspeed.config"] = "command line --deepspeed_config"
-    recipe = _convert(Recipe, raw, "", source, sources)
-    recipe.source = source
-    validate(recipe, sources, check_paths)
-    return recipe
+    return sources
+
+
+def load_typed(tp: Any, path: str | os.PathLike, overrides: list[str], what: str) -> tuple[Any, dict[str, str]]:
+    """YAML file ``path`` with ``overrides`` applied, as the dataclass ``tp`` (types checked, key by key)."""
+    raw = read_yaml(path, what)
+    sources = apply_overrides(raw, overrides, str(path))
+    return _convert(tp, raw, "", str(path), sources), sources
 
 
 def resolve_precision(recipe: Recipe, device_type: str, bf16_supported: bool) -> Recipe:

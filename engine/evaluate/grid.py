@@ -1,0 +1,210 @@
+"""The grid: every (model, task, lr, batch size, seed) cell, run once and kept.
+
+A cell lives in ``<output_dir>/cells/<model>/<task>/lr<lr>-bs<bs>-seed<seed>/``: its log, its dev and test
+predictions, and ``metrics.json``, written last and atomically. A cell is finished exactly when its
+metrics.json exists, so an interrupted grid resumes where it stopped: finished cells are never rerun, and a
+cell killed half-way is started again from scratch. Cells run one after another in one process on a CPU,
+and in parallel, one worker process per visible GPU, on a GPU machine (cell i goes to worker i mod n).
+
+The lr (and batch size) of each (model, task) is chosen by the mean dev score over seeds; the test score
+is reported as mean +- standard deviation over the seeds at that setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, load_recipe, model_location
+from .finetune import Cell, run_cell
+from .suite import ModelEntry, Suite
+from .tasks import TaskData, read_task
+
+
+def cells(suite: Suite) -> list[Cell]:
+    p = suite.protocol
+    return [
+        Cell(m.name, t.name, lr, bs, seed)
+        for m, t, lr, bs, seed in product(suite.models, suite.tasks, p.lrs, p.batch_sizes, p.seeds)
+    ]
+
+
+def cell_dir(suite: Suite, cell: Cell) -> Path:
+    return Path(suite.output_dir) / "cells" / cell.id
+
+
+def finished(suite: Suite, cell: Cell) -> bool:
+    return (cell_dir(suite, cell) / "metrics.json").is_file()
+
+
+def model_paths(suite: Suite) -> dict[str, str]:
+    """Each model's directory or hub name; a ``recipe`` entry's initial student is built here, once."""
+    return {m.name: m.path or str(initial_student(suite, m, i)) for i, m in enumerate(suite.models)}
+
+
+def initial_student(suite: Suite, entry: ModelEntry, index: int) -> Path:
+    """The student ``entry.recipe`` starts from, before any distillation step (its copy of the teacher's
+    layers, or its seeded random init), saved with the recipe's tokenizer. Written once, atomically."""
+    final = Path(suite.output_dir) / "models" / entry.name
+    if (final / "config.json").is_file():
+        return final
+    from ..data.tokenise import recipe_tokenizer
+    from ..models.outputs import Needs
+    from ..models.students import build_student
+    from ..models.teacher import load_teacher
+    from ..trainer import seed_everything
+
+    recipe = load_recipe(entry.recipe, check_paths=False)
+    seed_everything(recipe.train.seed)  # the same init the distillation job makes
+    needs_teacher = recipe.student.init == "teacher_layers"
+    teacher = load_teacher(recipe, Needs(), torch.device("cpu")) if needs_teacher else None
+    student = build_student(recipe, Needs(), teacher)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    recipe_tokenizer(recipe).save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def read_tasks(suite: Suite) -> dict[str, TaskData]:
+    """Every task, read and checked before any cell runs: bad data costs no cell."""
+    return {t.name: read_task(t, f"tasks[{i}]") for i, t in enumerate(suite.tasks)}
+
+
+def check_models(suite: Suite, paths: dict[str, str], tasks: dict[str, TaskData]) -> None:
+    """Every model's tokenizer and config, and its head against every task, before any cell runs."""
+    from .finetune import load_tokenizer, model_config
+
+    for i, m in enumerate(suite.models):
+        key = f"models[{i}].{'path' if m.path else 'recipe'}"
+        path = paths[m.name]
+        hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~", "pkg://"))
+        if not Path(model_location(path)).is_dir() and not hub_name:
+            raise ConfigError(suite.source, key, f"{path}: no such model directory (a hub name is organisation/name)")
+        load_tokenizer(path, key)
+        for task in tasks.values():
+            model_config(paths[m.name], key, task)
+
+
+# Protocol fields that change what a cell computes; lrs, batch sizes and seeds only add or drop cells.
+_CELL_FIELDS = ("epochs", "weight_decay", "schedule", "warmup_ratio", "max_length", "qa_max_length", "qa_stride")
+
+
+def same_protocol(suite: Suite) -> None:
+    """A grid resumed under another protocol would mix cells trained two ways in one mean: refused, by key.
+    The first run records the protocol in ``<output_dir>/protocol.json``."""
+    record = Path(suite.output_dir) / "protocol.json"
+    now = {k: getattr(suite.protocol, k) for k in _CELL_FIELDS}
+    if record.is_file():
+        before = json.loads(record.read_text())
+        for k in _CELL_FIELDS:
+            if before.get(k) != now[k]:
+                raise ConfigError(
+                    suite.source, f"protocol.{k}",
+                    f"the cells already in {suite.output_dir} were trained with {k} {before.get(k)!r}, this run says "
+                    f"{now[k]!r}: keep {before.get(k)!r} to resume them, or choose another output_dir",
+                )  # fmt: skip
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".protocol.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(now, indent=1))
+    os.replace(tmp, record)
+
+
+def run_grid(suite: Suite, overrides: list[str], worker: int = 0, workers: int = 1) -> None:
+    """Run every unfinished cell this worker owns; with several workers and this the parent, start them."""
+    same_protocol(suite)
+    paths, tasks = model_paths(suite), read_tasks(suite)
+    check_models(suite, paths, tasks)
+    n = _workers(suite) if workers == 1 and worker == 0 else workers
+    if n > 1 and workers == 1:
+        _spawn(suite, overrides, n)
+        return
+    entries = {m.name: (i, m) for i, m in enumerate(suite.models)}
+    todo = [c for i, c in enumerate(cells(suite)) if i % n == worker and not finished(suite, c)]
+    for number, cell in enumerate(todo, 1):
+        index, entry = entries[cell.model]
+        print(f"[eval] cell {number}/{len(todo)}: {cell.id}", flush=True)
+        _run_one(suite, cell, paths[cell.model], f"models[{index}]", entry.adapters_only, tasks[cell.task])
+
+
+def _run_one(suite: Suite, cell: Cell, path: str, key: str, adapters_only: bool, task: TaskData) -> None:
+    out = cell_dir(suite, cell)
+    shutil.rmtree(out, ignore_errors=True)  # a cell killed half-way starts again
+    out.mkdir(parents=True)
+    with open(out / "log.jsonl", "w", encoding="utf-8") as log:
+
+        def write(line: str) -> None:
+            log.write(line + "\n")
+            log.flush()
+
+        result, _ = run_cell(cell, path, key, adapters_only, task, suite.protocol, out, write)
+    shutil.rmtree(out / "trainer", ignore_errors=True)  # the Trainer's scratch directory: nothing kept there
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "metrics.json")  # the cell is finished from this instant
+
+
+def _workers(suite: Suite) -> int:
+    if suite.protocol.workers != "auto":
+        return suite.protocol.workers
+    return max(1, torch.cuda.device_count())
+
+
+def _spawn(suite: Suite, overrides: list[str], n: int) -> None:
+    """n worker processes of this command, each pinned to one GPU (when there are GPUs) and given its share
+    of the cells; a worker that fails fails the grid after the others finish."""
+    gpus = torch.cuda.device_count()
+    procs = []
+    for k in range(n):
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus else {})}
+        cmd = [sys.executable, "-m", "biodistill.engine.evaluate", "--config", suite.source,
+               "--worker", str(k), "--workers", str(n), *overrides]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env))
+    failed = [k for k, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise ConfigError(suite.source, "protocol.workers", f"worker(s) {failed} failed; rerun to resume the grid")
+
+
+# ------------------------------------------------------------------------------------ aggregation
+
+
+def aggregate(suite: Suite) -> dict:
+    """Per (model, task): the best (lr, batch size) by mean dev score over seeds, and at it the test scores,
+    mean and standard deviation over seeds, with every cell's figures."""
+    out: dict = {}
+    for m in suite.models:
+        for t in suite.tasks:
+            metric = suite.metric(t)
+            settings: dict[tuple[float, int], list[dict]] = {}
+            for cell in cells(suite):
+                if cell.model == m.name and cell.task == t.name and finished(suite, cell):
+                    result = json.loads((cell_dir(suite, cell) / "metrics.json").read_text())
+                    settings.setdefault((cell.lr, cell.batch_size), []).append(result)
+            if not settings:
+                continue
+            (lr, bs), runs = max(settings.items(), key=lambda kv: statistics.mean(r["dev"][metric] for r in kv[1]))
+            test = [r["test"][metric] for r in runs]
+            out.setdefault(m.name, {})[t.name] = {
+                "metric": metric,
+                "lr": lr,
+                "batch_size": bs,
+                "seeds": len(runs),
+                "dev_mean": statistics.mean(r["dev"][metric] for r in runs),
+                "test_mean": statistics.mean(test),
+                "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+                "truncated": runs[0]["truncated"],
+                "test_runs": [r["test"] for r in runs],
+                "trainable_parameters": runs[0]["trainable_parameters"],
+            }
+    return out

@@ -1,0 +1,189 @@
+"""The report: what each model scores, and what it costs. Compact models exist to be cheap at inference,
+so beside each task's score (mean +- std over seeds) the table shows parameters (total and trainable),
+size on disk and inference throughput at a fixed length on this machine's CPU (and GPU, where there is one).
+
+Writes ``results.json``, ``results.md`` (the table) and ``score_vs_parameters.png`` into the suite's
+output directory, each atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from ..config import model_location
+from ..models import minialbert
+from .suite import Suite
+
+
+def weights_on_disk(path: str) -> int | None:
+    """Bytes of the model's weight files (safetensors / bin), or None for a model not on this disk."""
+    root = Path(model_location(path))
+    if not root.is_dir():
+        return None
+    return sum(f.stat().st_size for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+
+
+def parameters(path: str, adapters_only: bool) -> tuple[int, int]:
+    """The encoder's parameters (no task head): all of them, and those fine-tuning trains."""
+    model = _encoder(path)
+    if adapters_only:
+        model.train_adapters_only()
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _encoder(path: str) -> torch.nn.Module:
+    location = model_location(path)
+    config = minialbert.resolve_config(AutoConfig.from_pretrained(location))
+    return AutoModel.from_pretrained(location, config=config)
+
+
+def throughput(path: str, device: str, length: int, batch: int, seconds: float) -> float:
+    """Sequences per second of the encoder's forward at ``length`` tokens, ``batch`` at a time, in eval mode
+    without autograd (fp32 on CPU; bf16 on a GPU that has it, else fp16): warm up, then time ``seconds``."""
+    model = _encoder(path).eval().to(device)
+    if device == "cuda":
+        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    ids = torch.randint(1000, 2000, (batch, length), device=device)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(input_ids=ids, attention_mask=mask)
+        _sync(device)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(input_ids=ids, attention_mask=mask)
+            n += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    return n * batch / elapsed
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def costs(suite: Suite, paths: dict[str, str]) -> dict[str, dict]:
+    """Each model's parameters, size and throughput, measured once and kept (``<out>/costs/<model>.json``)."""
+    out = {}
+    t = suite.throughput
+    for m in suite.models:
+        cache = Path(suite.output_dir) / "costs" / f"{m.name}.json"
+        if cache.is_file():
+            out[m.name] = json.loads(cache.read_text())
+            continue
+        total, trainable = parameters(paths[m.name], m.adapters_only)
+        entry = {"parameters": total, "trainable": trainable, "bytes_on_disk": weights_on_disk(paths[m.name])}
+        threads = torch.get_num_threads()
+        for bs in t.batch_sizes:
+            entry[f"cpu_seq_per_s_bs{bs}"] = throughput(paths[m.name], "cpu", t.length, bs, t.seconds)
+        entry["cpu_threads"] = threads
+        if torch.cuda.is_available():
+            for bs in t.batch_sizes:
+                entry[f"gpu_seq_per_s_bs{bs}"] = throughput(paths[m.name], "cuda", t.length, bs, t.seconds)
+            entry["gpu"] = torch.cuda.get_device_name()
+        _atomic(cache, json.dumps(entry, indent=1))
+        out[m.name] = entry
+    return out
+
+
+def write_report(suite: Suite, results: dict, cost: dict, expected_cells: int, done_cells: int) -> str:
+    """results.json, results.md and the PNG; returns the Markdown table."""
+    root = Path(suite.output_dir)
+    doc = {"suite": suite.name, "cells": {"finished": done_cells, "planned": expected_cells},
+           "protocol": vars(suite.protocol), "models": {}}  # fmt: skip
+    for m in suite.models:
+        doc["models"][m.name] = {"path": m.path or f"(initial student of {m.recipe})", "adapters_only": m.adapters_only,
+                                 **cost[m.name], "tasks": results.get(m.name, {})}  # fmt: skip
+    _atomic(root / "results.json", json.dumps(doc, indent=1, default=str))
+    table = markdown(suite, doc, expected_cells, done_cells)
+    _atomic(root / "results.md", table)
+    plot(suite, doc, root / "score_vs_parameters.png")
+    return table
+
+
+def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
+    bs = suite.throughput.batch_sizes
+    gpu = any("gpu" in m for m in doc["models"].values())
+    head = ["model", "params (total / trainable)", "size on disk"]
+    head += [f"{t.name} ({suite.metric(t)})" for t in suite.tasks]
+    head += [f"CPU seq/s bs{b}" for b in bs] + ([f"GPU seq/s bs{b}" for b in bs] if gpu else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in doc["models"].items():
+        row = [name, f"{m['parameters'] / 1e6:.1f}M / {m['trainable'] / 1e6:.2f}M", _size(m["bytes_on_disk"])]
+        for t in suite.tasks:
+            r = m["tasks"].get(t.name)
+            row.append(f"{100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f}" if r else "-")
+        row += [f"{m[f'cpu_seq_per_s_bs{b}']:.1f}" for b in bs]
+        row += [f"{m.get(f'gpu_seq_per_s_bs{b}', float('nan')):.0f}" for b in bs] if gpu else []
+        lines.append("| " + " | ".join(row) + " |")
+    p = suite.protocol
+    lines += [
+        "",
+        f"Test scores x100, mean ± std over {len(p.seeds)} seeds at the lr (of {', '.join(f'{x:g}' for x in p.lrs)}) "
+        f"with the best mean dev score; {p.epochs:g} epochs, {p.schedule} schedule, weight decay {p.weight_decay:g}. "
+        f"Throughput: the encoder's forward at {suite.throughput.length} tokens, sequences/s, "
+        f"on {torch.get_num_threads()} CPU threads" + (" and the GPU named in results.json." if gpu else "."),
+        f"Cells finished: {done} of {expected}." + ("" if done == expected else " Rerun the same command to finish."),
+    ]
+    cut = {
+        t.name: {s: n for s, n in r["truncated"].items() if n}
+        for m in doc["models"].values()
+        for t in suite.tasks
+        if (r := m["tasks"].get(t.name))
+    }
+    notes = [f"{task}: {', '.join(f'{n} {s}' for s, n in c.items())}" for task, c in cut.items() if c]
+    if notes:
+        lines.append(
+            f"Inputs longer than max_length {p.max_length} (cut, or QA contexts read in windows): {'; '.join(notes)}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _size(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def plot(suite: Suite, doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for t in suite.tasks:
+        xs, ys, es, names = [], [], [], []
+        for name, m in doc["models"].items():
+            r = m["tasks"].get(t.name)
+            if r:
+                xs.append(m["parameters"] / 1e6)
+                ys.append(100 * r["test_mean"])
+                es.append(100 * r["test_std"])
+                names.append(name)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=f"{t.name} ({suite.metric(t)})")
+            for x, y, n in zip(xs, ys, names):
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("test score x100 (mean ± std over seeds)")
+    ax.set_title(f"{suite.name}: score against size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,133 @@
+"""An evaluation suite: which models to fine-tune on which tasks, under which protocol. YAML in
+``configs/eval/``, dotted overrides from the command line, every error naming the file and key.
+
+The protocol defaults are the authors' (Lightweight-Clinical-Transformers' RE-CLS-Finetuning.py): 3 epochs,
+lr grid {5e-5, 2e-5, 1e-5}, batch 16, linear schedule, weight decay 0.01; we add seeds (3), because single
+runs of small biomedical sets vary by a point or more of F1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import ConfigError, load_typed
+
+KINDS = ("ner", "classification", "relation", "qa")
+# The score each kind is compared by (the grid picks the lr by it on validation; the table reports it).
+DEFAULT_METRIC = {"ner": "f1", "classification": "accuracy", "relation": "f1", "qa": "mrr"}
+METRICS = {
+    "ner": ("f1", "precision", "recall"),
+    "classification": ("accuracy", "macro_f1", "micro_f1"),
+    "relation": ("f1", "precision", "recall", "accuracy"),
+    "qa": ("mrr", "strict_accuracy", "lenient_accuracy"),
+}
+
+
+@dataclass
+class ModelEntry:
+    name: str = ""  # its row in the table
+    # A Hugging Face directory or hub name, pkg://<package>/<dir>, a student this engine exported
+    # (runs/<recipe>/student) or a published MiniALBERT checkpoint.
+    path: str = ""
+    # Or: the student a distillation recipe starts from, before any training (its copy of teacher layers,
+    # or its random init): "how much did distillation add?"
+    recipe: str = ""
+    adapters_only: bool = False  # MiniALBERT: train only its bottleneck adapters and the task head
+
+
+@dataclass
+class TaskEntry:
+    name: str = ""
+    kind: Literal["ner", "classification", "relation", "qa"] = "ner"
+    # A folder holding the splits (train / devel or dev / test files, found by name), or a single file
+    # for train with dev and test named below.
+    path: str = ""
+    train: str = ""  # file names inside path, when they are not found by name
+    dev: str = ""  # no dev split: 10% of train, by a fixed seed
+    test: str = ""
+    # ner: biobert (token<TAB>label) or conll (token first, label last); classification/relation: mednli,
+    # jsonl, csv, tsv, biobert_re (sentence<TAB>label; test files index<TAB>sentence<TAB>label with a header);
+    # qa: squad (BioASQ factoid in SQuAD format); auto: from the kind and file names.
+    format: Literal["auto", "biobert", "conll", "mednli", "jsonl", "csv", "tsv", "biobert_re", "squad"] = "auto"
+    text_field: str = "text"
+    text_pair_field: str = ""  # pair classification and NLI
+    label_field: str = "label"
+    negative_label: str = ""  # relation: the no-relation class ("0", "false"); scores exclude it
+    gold: str = ""  # qa: BioASQ's golden JSON for the test questions
+    metric: str = ""  # the score the grid selects by; default per kind: ner f1, classification accuracy, ...
+    subword_labels: Literal["first", "all"] = "first"  # ner: label the first piece (others -100) or every piece
+
+
+@dataclass
+class Protocol:
+    epochs: float = 3.0
+    lrs: list[float] = field(default_factory=lambda: [5e-5, 2e-5, 1e-5])
+    batch_sizes: list[int] = field(default_factory=lambda: [16])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    weight_decay: float = 0.01
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.0
+    max_length: int = 128  # tokens; longer sentences are cut, and counted in the report
+    qa_max_length: int = 384  # question + context window, the authors' value; longer contexts overlap by
+    qa_stride: int = 128
+    # Processes: "auto" is one per visible GPU, and one on a CPU (cells then run one after another).
+    workers: int | Literal["auto"] = "auto"
+
+
+@dataclass
+class Throughput:
+    length: int = 128
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    seconds: float = 2.0  # timed per measurement, after a warm-up
+
+
+@dataclass
+class Suite:
+    name: str = "eval"
+    output_dir: str = "runs/eval"
+    models: list[ModelEntry] = field(default_factory=list)
+    tasks: list[TaskEntry] = field(default_factory=list)
+    protocol: Protocol = field(default_factory=Protocol)
+    throughput: Throughput = field(default_factory=Throughput)
+    source: str = field(default="", metadata={"internal": True})
+
+    def metric(self, task: TaskEntry) -> str:
+        return task.metric or DEFAULT_METRIC[task.kind]
+
+
+def load_suite(path: str, overrides: list[str] | None = None) -> Suite:
+    suite, sources = load_typed(Suite, path, overrides or [], "evaluation suite")
+    suite.source = str(path)
+    _validate(suite, sources)
+    return suite
+
+
+def _validate(s: Suite, sources: dict[str, str]) -> None:
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            where = next((src for k, src in sources.items() if key == k or key.startswith(k + ".")), s.source)
+            raise ConfigError(where, key, message)
+
+    check(bool(s.models), "models", "name at least one model to fine-tune")
+    check(bool(s.tasks), "tasks", "name at least one task")
+    for key, entries in (("models", s.models), ("tasks", s.tasks)):
+        names = [e.name for e in entries]
+        for i, e in enumerate(entries):
+            check(bool(e.name), f"{key}[{i}].name", "every entry needs a name (its row or column in the table)")
+            check(names.index(e.name) == i, f"{key}[{i}].name", f"'{e.name}' names two entries")
+            check("/" not in e.name and not e.name.startswith("."), f"{key}[{i}].name", "a name is a directory")
+    for i, m in enumerate(s.models):
+        check(bool(m.path) != bool(m.recipe), f"models[{i}]", "give exactly one of path (a model) or recipe")
+    for i, t in enumerate(s.tasks):
+        check(bool(t.path), f"tasks[{i}].path", "the folder or file holding the task's data")
+        metric = s.metric(t)
+        check(metric in METRICS[t.kind], f"tasks[{i}].metric", f"{t.kind} reports {', '.join(METRICS[t.kind])}")
+        check(t.kind != "qa" or bool(t.gold), f"tasks[{i}].gold", "qa scores its test set on BioASQ's golden JSON")
+    p = s.protocol
+    check(p.epochs > 0, "protocol.epochs", f"must be positive, got {p.epochs}")
+    check(bool(p.lrs) and all(lr > 0 for lr in p.lrs), "protocol.lrs", "a list of positive learning rates")
+    check(bool(p.batch_sizes) and min(p.batch_sizes) > 0, "protocol.batch_sizes", "a list of positive sizes")
+    check(bool(p.seeds), "protocol.seeds", "at least one seed")
+    check(8 <= p.max_length <= 8192, "protocol.max_length", f"must be between 8 and 8192, got {p.max_length}")
+    check(p.workers == "auto" or p.workers >= 1, "protocol.workers", "'auto' or at least 1")

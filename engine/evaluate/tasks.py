@@ -1,0 +1,401 @@
+"""Readers for the downstream sets users have on disk, in the formats their producers distribute
+(../shared/reference/evaluation.md): BioBERT's preprocessed NER and RE TSVs, CoNLL columns, MedNLI jsonl,
+generic csv / tsv / jsonl, BioASQ factoid in SQuAD format with BioASQ's golden JSON.
+
+Every problem is a ConfigError naming the file and line (``ncbi/devel.tsv:118``) and the field at fault,
+found when the suite starts, before any cell trains: bad data never costs a finished cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..config import ConfigError, resolve_path
+from .suite import TaskEntry
+
+SPLITS = ("train", "dev", "test")
+# Words in a file's name that say which split it holds (MedNLI: mli_dev_v1.jsonl; BioBERT: devel.tsv).
+_SPLIT_WORDS = {"train": {"train"}, "dev": {"dev", "devel", "valid", "validation", "val"}, "test": {"test"}}
+_EXTENSIONS = {".tsv", ".txt", ".conll", ".iob", ".iob2", ".bio", ".jsonl", ".json", ".csv"}
+DEV_FRACTION = 0.1  # of train, when a set has no dev split (GAD, EU-ADR)
+
+
+@dataclass
+class Sentence:  # ner
+    words: list[str]
+    labels: list[str]
+    where: str  # file:line of its first token
+
+
+@dataclass
+class Pair:  # classification, relation
+    text: str
+    pair: Optional[str]
+    label: str
+    where: str
+
+
+@dataclass
+class Question:  # qa
+    id: str
+    question: str
+    context: str
+    answers: list[tuple[str, int]]  # (text, answer_start); empty in test files
+    where: str
+
+
+@dataclass
+class TaskData:
+    entry: TaskEntry
+    labels: list[str]  # the label set, from train (qa: none)
+    splits: dict[str, list] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # split -> where it came from
+    gold: Optional[dict[str, list[list[str]]]] = None  # qa: BioASQ id -> synonym lists of each exact answer
+    negative: str = ""  # relation: the no-relation label, which the scores exclude
+
+
+def read_task(task: TaskEntry, key: str) -> TaskData:
+    """All three splits of ``task`` (``key``: its place in the suite, e.g. ``tasks[0]``), checked."""
+    files = _split_files(task, key)
+    fmt = _format(task, files["train"], key)
+    reader = _READERS[fmt]
+    splits = {name: reader(path, task) for name, path in files.items() if path is not None}
+    sources = {name: str(path) for name, path in files.items() if path is not None}
+    if task.kind == "ner" and files["dev"] is not None and files["dev"].name == "train_dev.tsv":
+        # BioBERT's train_dev.tsv is train + devel: the authors' validation is it less the train sentences.
+        seen = {(tuple(s.words), tuple(s.labels)) for s in splits["train"]}
+        splits["dev"] = [s for s in splits["dev"] if (tuple(s.words), tuple(s.labels)) not in seen]
+        sources["dev"] = f"{files['dev']} less the sentences of {files['train'].name}"
+    if files["dev"] is None:  # a fixed 10% of train, the same for every model and seed
+        rows = splits["train"]
+        order = list(range(len(rows)))
+        random.Random(0).shuffle(order)
+        cut = max(1, int(len(rows) * DEV_FRACTION))
+        splits["dev"] = [rows[i] for i in sorted(order[:cut])]
+        splits["train"] = [rows[i] for i in sorted(order[cut:])]
+        sources["dev"] = f"{files['train']} (a fixed {DEV_FRACTION:.0%} of it: the set has no dev split)"
+    for name in SPLITS:
+        if not splits[name]:
+            raise ConfigError(sources[name], f"{key}.{name}", f"the {name} split is empty")
+    data = TaskData(task, labels=[], splits=splits, files=sources)
+    if task.kind != "qa":
+        data.labels = _labels(task, splits)
+    if task.kind == "relation":
+        data.negative = _negative(task, data.labels, key)
+    if task.kind == "qa":
+        data.gold = read_bioasq_gold(resolve_path(task.gold), f"{key}.gold")
+    return data
+
+
+# --------------------------------------------------------------------------------------- the splits
+
+
+def _split_files(task: TaskEntry, key: str) -> dict[str, Optional[Path]]:
+    root = resolve_path(task.path)
+    if not root.exists():
+        raise ConfigError(task.path, f"{key}.path", "not found")
+    named = {"train": task.train, "dev": task.dev, "test": task.test}
+    if root.is_file():  # a single file is train; dev and test are named beside it
+        base, named["train"] = root.parent, named["train"] or root.name
+    else:
+        base = root
+    out: dict[str, Optional[Path]] = {}
+    for split in SPLITS:
+        if named[split]:
+            path = base / named[split]
+            if not path.is_file():
+                raise ConfigError(str(path), f"{key}.{split}", "not found")
+            out[split] = path
+        else:
+            out[split] = _find(base, split, key) if root.is_dir() else None
+    if out["train"] is None or out["test"] is None:
+        missing = [s for s in ("train", "test") if out[s] is None]
+        raise ConfigError(
+            str(base), f"{key}.{missing[0]}", f"no {missing[0]} file found: name it with {key}.{missing[0]}"
+        )
+    if out["dev"] is None and task.kind == "ner" and (base / "train_dev.tsv").is_file():
+        out["dev"] = base / "train_dev.tsv"  # BioBERT's: train + devel; the train sentences are removed below
+    return out
+
+
+def _find(base: Path, split: str, key: str) -> Optional[Path]:
+    found = []
+    for path in sorted(base.iterdir()):
+        if path.suffix.lower() not in _EXTENSIONS or path.name.startswith("."):
+            continue
+        words = set(re.split(r"[_\-.\s]+", path.stem.lower()))
+        if words & _SPLIT_WORDS[split] and not (split == "train" and words & _SPLIT_WORDS["dev"]):
+            found.append(path)
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ConfigError(str(base), f"{key}.{split}", f"several files could be the {split} split ({names}): name one")
+    return found[0] if found else None
+
+
+def _format(task: TaskEntry, train: Path, key: str) -> str:
+    if task.format != "auto":
+        expected = {"ner": {"biobert", "conll", "jsonl"}, "qa": {"squad"}}.get(
+            task.kind, {"mednli", "jsonl", "csv", "tsv", "biobert_re"}
+        )
+        if task.format not in expected:
+            raise ConfigError(task.path, f"{key}.format", f"{task.kind} reads {', '.join(sorted(expected))}")
+        return f"ner_{task.format}" if task.kind == "ner" else task.format
+    suffix = train.suffix.lower()
+    if task.kind == "qa":
+        return "squad"
+    if task.kind == "ner":
+        return "ner_jsonl" if suffix == ".jsonl" else "ner_biobert" if suffix == ".tsv" else "ner_conll"
+    if suffix == ".jsonl":
+        return "mednli" if "mli" in train.name.lower() else "jsonl"
+    if suffix == ".csv":
+        return "csv"
+    return "biobert_re" if task.kind == "relation" else "tsv"
+
+
+def _labels(task: TaskEntry, splits: dict[str, list]) -> list[str]:
+    """The label set, from train. A dev or test label never seen in training is an error: the model could
+    never predict it, and a score against it would mean nothing."""
+    if task.kind == "ner":
+        known = {label for s in splits["train"] for label in s.labels}
+        for name in ("dev", "test"):
+            for s in splits[name]:
+                for i, label in enumerate(s.labels):
+                    if label not in known:
+                        raise ConfigError(_line(s.where, i), "label", f"'{label}' is not in the train split's labels ({', '.join(sorted(known))})")  # fmt: skip
+        # Outside first, then by entity type and B before I: the head's order, readable in predictions.
+        return sorted(known, key=lambda x: (x != "O", x.partition("-")[2], x))
+    known = {p.label for p in splits["train"]}
+    for name in ("dev", "test"):
+        for p in splits[name]:
+            if p.label not in known:
+                raise ConfigError(p.where, task.label_field, f"'{p.label}' is not in the train split's labels ({', '.join(sorted(known))})")  # fmt: skip
+    return sorted(known)
+
+
+def _negative(task: TaskEntry, labels: list[str], key: str) -> str:
+    if task.negative_label:
+        if task.negative_label not in labels:
+            raise ConfigError(task.path, f"{key}.negative_label", f"'{task.negative_label}' is not a label of the train split ({', '.join(labels)})")  # fmt: skip
+        return task.negative_label
+    for guess in ("0", "false", "False", "negative", "none", "None"):  # GAD / EU-ADR: 0; ChemProt, DDI: false
+        if guess in labels:
+            return guess
+    raise ConfigError(task.path, f"{key}.negative_label", f"which of {', '.join(labels)} means no relation? Name it")
+
+
+def _line(where: str, offset: int) -> str:
+    path, _, line = where.rpartition(":")
+    return f"{path}:{int(line) + offset}"
+
+
+# ------------------------------------------------------------------------------------------- NER
+
+
+def read_ner_columns(path: Path, task: TaskEntry, exact: bool) -> list[Sentence]:
+    """BioBERT's TSV (``exact``: exactly token<TAB>label) or CoNLL columns (token first, label last,
+    whitespace separated, ``-DOCSTART-`` lines skipped). A blank line ends a sentence."""
+    sentences, words, labels, start = [], [], [], 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip() or line.startswith("-DOCSTART-"):
+                if words:
+                    sentences.append(Sentence(words, labels, f"{path}:{start}"))
+                words, labels = [], []
+                continue
+            cols = line.split("\t") if exact else line.split()
+            if (exact and len(cols) != 2) or len(cols) < 2:
+                want = "token<TAB>label" if exact else "a token and a label"
+                raise ConfigError(
+                    f"{path}:{number}", "columns", f"{len(cols)} column(s), expected {want}: {line[:80]!r}"
+                )
+            if not words:
+                start = number
+            words.append(cols[0])
+            labels.append(cols[-1])
+    if words:
+        sentences.append(Sentence(words, labels, f"{path}:{start}"))
+    return sentences
+
+
+def read_ner_jsonl(path: Path, task: TaskEntry) -> list[Sentence]:
+    """One sentence a line: ``tokens`` and ``ner_tags`` lists (a Hugging Face dataset's to_json)."""
+    out = []
+    for number, row in _jsonl(path):
+        tokens, tags = _field(row, "tokens", path, number), _field(row, "ner_tags", path, number)
+        if len(tokens) != len(tags):
+            raise ConfigError(f"{path}:{number}", "ner_tags", f"{len(tags)} labels for {len(tokens)} tokens")
+        out.append(Sentence([str(t) for t in tokens], [str(t) for t in tags], f"{path}:{number}"))
+    return out
+
+
+# --------------------------------------------------------------------------- classification, relation
+
+
+def read_jsonl_pairs(path: Path, task: TaskEntry, fields=None) -> list[Pair]:
+    text, pair, label = fields or (task.text_field, task.text_pair_field, task.label_field)
+    out = []
+    for number, row in _jsonl(path):
+        out.append(Pair(
+            str(_field(row, text, path, number)),
+            str(_field(row, pair, path, number)) if pair else None,
+            str(_field(row, label, path, number)),
+            f"{path}:{number}",
+        ))  # fmt: skip
+    return out
+
+
+def read_mednli(path: Path, task: TaskEntry) -> list[Pair]:
+    """MedNLI as distributed: sentence1, sentence2, gold_label (and fields to ignore)."""
+    return read_jsonl_pairs(path, task, ("sentence1", "sentence2", "gold_label"))
+
+
+def read_table(path: Path, task: TaskEntry) -> list[Pair]:
+    """csv or tsv with a header row naming the text (and text_pair) and label columns."""
+    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter=delimiter)
+        header = next(rows, None)
+        if header is None:
+            return []
+        wanted = [c for c in (task.text_field, task.text_pair_field, task.label_field) if c]
+        for column in wanted:
+            if column not in header:
+                raise ConfigError(f"{path}:1", column, f"no such column; the header has {', '.join(header)}")
+        index = {c: header.index(c) for c in wanted}
+        out = []
+        for number, row in enumerate(rows, 2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ConfigError(f"{path}:{number}", "columns", f"{len(row)} columns, the header has {len(header)}")
+            pair = row[index[task.text_pair_field]] if task.text_pair_field else None
+            out.append(Pair(row[index[task.text_field]], pair, row[index[task.label_field]], f"{path}:{number}"))
+    return out
+
+
+def read_biobert_re(path: Path, task: TaskEntry) -> list[Pair]:
+    """BioBERT's RE TSVs: sentence<TAB>label, entities masked (@GENE$, @DISEASE$, @CHEMICAL$, @DRUG$);
+    test files carry an index column and a header line (index, sentence, label)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    header = lines[0].split("\t") if lines else []
+    indexed = [h.strip().lower() for h in header] == ["index", "sentence", "label"]
+    for number, line in enumerate(lines[1:] if indexed else lines, 2 if indexed else 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        want = 3 if indexed else 2
+        if len(cols) != want:
+            shape = "index<TAB>sentence<TAB>label" if indexed else "sentence<TAB>label"
+            raise ConfigError(f"{path}:{number}", "columns", f"{len(cols)} column(s), expected {shape}")
+        out.append(Pair(cols[-2], None, cols[-1], f"{path}:{number}"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- QA
+
+
+def read_squad(path: Path, task: TaskEntry) -> list[Question]:
+    """SQuAD v1.1 JSON (data -> paragraphs -> context, qas), as BioASQ's factoid sets are distributed for
+    training. Every answer_start must point at its answer text in the context."""
+    doc = _json(path)
+    out = []
+    for a, article in enumerate(_field(doc, "data", path, None)):
+        for p, paragraph in enumerate(article.get("paragraphs", [])):
+            context = _field(paragraph, "context", path, None)
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                qid = str(_field(qa, "id", path, None))
+                answers = []
+                for j, answer in enumerate(qa.get("answers", [])):
+                    text, start = answer.get("text"), answer.get("answer_start")
+                    if (
+                        not isinstance(text, str)
+                        or not isinstance(start, int)
+                        or context[start : start + len(text)] != text
+                    ):
+                        found = context[start : start + len(text)] if isinstance(start, int) and isinstance(text, str) else None  # fmt: skip
+                        raise ConfigError(
+                            f"{path}: question {qid}", f"answers[{j}].answer_start",
+                            f"{start!r} does not point at the answer {text!r} in its context (it reads {found!r})",
+                        )  # fmt: skip
+                    answers.append((text, start))
+                where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}]"
+                out.append(Question(qid, str(_field(qa, "question", path, None)), context, answers, where))
+    return out
+
+
+def read_bioasq_gold(path: Path, key: str) -> dict[str, list[list[str]]]:
+    """BioASQ's golden JSON: questions -> id, type, exact_answer. For factoid questions exact_answer is a
+    list of synonym lists (older years: a list of strings, or one string); each becomes synonym lists."""
+    if not path.is_file():
+        raise ConfigError(str(path), key, "not found")
+    doc = _json(path)
+    gold = {}
+    for i, q in enumerate(_field(doc, "questions", path, None)):
+        if q.get("type", "factoid") != "factoid":
+            continue
+        exact = q.get("exact_answer")
+        if exact is None:
+            raise ConfigError(f"{path}: questions[{i}]", "exact_answer", "missing")
+        if isinstance(exact, str):
+            exact = [[exact]]
+        gold[str(q["id"])] = [[a] if isinstance(a, str) else [str(x) for x in a] for a in exact]
+    return gold
+
+
+def bioasq_id(squad_id: str) -> str:
+    """The BioASQ question a SQuAD-format question came from: its id before the "_" suffix (one per snippet)."""
+    return squad_id.split("_")[0]
+
+
+# ----------------------------------------------------------------------------------------- shared
+
+
+def _jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{number}", "json", f"not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number}", "json", "expected an object")
+            yield number, row
+
+
+def _json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}", "json", f"not valid JSON: {e.msg}") from None
+
+
+def _field(row: dict, name: str, path: Path, line: Optional[int]):
+    if not isinstance(row, dict) or name not in row:
+        where = f"{path}:{line}" if line else str(path)
+        have = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+        raise ConfigError(where, name, f"missing (the entry has {have})")
+    return row[name]
+
+
+_READERS = {
+    "ner_biobert": lambda p, t: read_ner_columns(p, t, exact=True),
+    "ner_conll": lambda p, t: read_ner_columns(p, t, exact=False),
+    "ner_jsonl": read_ner_jsonl,
+    "mednli": read_mednli,
+    "jsonl": read_jsonl_pairs,
+    "csv": read_table,
+    "tsv": read_table,
+    "biobert_re": read_biobert_re,
+    "squad": read_squad,
+}
