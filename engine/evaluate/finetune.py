@@ -198,7 +198,7 @@ def qa_features(questions, tokenizer, protocol: Protocol, train: bool):
                 text, start = q.answers[0]
                 end = start + len(text)
                 inside = [i for i, s in enumerate(spans) if s is not None]
-                if spans[inside[0]][0] <= start and spans[inside[-1]][1] >= end:
+                if inside and spans[inside[0]][0] <= start and spans[inside[-1]][1] >= end:
                     start_pos = next(i for i in inside if spans[i][1] > start)
                     end_pos = max(i for i in inside if spans[i][0] < end)
             row |= {"start_positions": start_pos, "end_positions": end_pos}
