@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoModelForTokenClassification, AutoTokeniz
 from biodistill.engine.config import ConfigError
 from biodistill.engine.evaluate import metrics
 from biodistill.engine.evaluate.finetune import Cell, build_model, ner_features, qa_candidates, run_cell
-from biodistill.engine.evaluate.grid import check_models
+from biodistill.engine.evaluate.grid import check_models, same_models
 from biodistill.engine.evaluate.suite import Protocol, TaskEntry, load_suite
 from biodistill.engine.evaluate.tasks import Question, read_task
 
@@ -171,6 +171,14 @@ def test_every_bad_input_is_named_by_file_line_and_field(tmp_path):
     write(d / "test.jsonl", json.dumps(row) + "\n" + json.dumps({"tokens": ["a", "b"], "ner_tags": ["O"]}) + "\n")
     e = bad(ner_task(d))
     assert (e.source, e.key, e.message) == (f"{d / 'test.jsonl'}:2", "ner_tags", "1 labels for 2 tokens")
+    # integer tags, as a Hugging Face dataset's to_json writes a ClassLabel column: named by label_names
+    for split in ("train", "dev", "test"):
+        write(d / f"{split}.jsonl", json.dumps({"tokens": ["Aspirin", "helps"], "ner_tags": [1, 0]}) + "\n")
+    e = bad(ner_task(d))
+    assert (e.source, e.key) == (f"{d / 'train.jsonl'}:1", "ner_tags") and "give the names of the ids" in e.message
+    assert read_task(ner_task(d, label_names=["O", "B-Chemical"]), "t").splits["test"][0].labels == ["B-Chemical", "O"]
+    e = bad(ner_task(d, label_names=["O"]))
+    assert e.message == "label id 1 is outside label_names (1 names)"
     # a QA answer_start that does not point at its answer
     d = tmp_path / "qa"
     squad = {"data": [{"paragraphs": [{"context": "Imatinib inhibits BCR-ABL.", "qas": [
@@ -241,6 +249,23 @@ def test_models_are_checked_before_any_cell(tmp_path):
     with pytest.raises(ConfigError, match="bert has no adapters") as e:
         build_model(str(tmp_path / "bare"), "models[0].path", data, adapters_only=True)
     assert e.value.key == "models[0].adapters_only"
+
+
+def test_a_model_changed_under_finished_cells_is_refused_by_name(tmp_path):
+    """make demo again, or a new export into the same directory: the old cells are not the new model's."""
+    model = make_bert(tmp_path / "student", layers=1, hidden=32)
+    body = f"output_dir: {tmp_path / 'out'}\nmodels: [{{name: s, path: {model}}}]\ntasks: [{{name: n, kind: ner, path: x}}]\n"
+    suite = load_suite(write(tmp_path / "s.yaml", body))
+    first = same_models(suite, {"s": str(model)})
+    assert same_models(suite, {"s": str(model)}) == first  # unchanged: resumes
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
+    with pytest.raises(ConfigError) as e:
+        same_models(suite, {"s": str(model)})
+    assert (e.value.source, e.value.key) == (str(tmp_path / "s.yaml"), "models[0].path")
+    assert e.value.message.startswith(
+        f"{model}: its weights changed since the cells in {tmp_path / 'out'} were trained"
+    )
 
 
 def test_suite_errors_name_the_key(tmp_path):

@@ -36,14 +36,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         suite = load_suite(args.config, overrides)
-        grid.run_grid(suite, overrides, args.worker, args.workers)
+        paths, prints = grid.run_grid(suite, overrides, args.worker, args.workers)
         if args.workers > 1:
             return 0  # a worker: the parent reports
-        paths = grid.model_paths(suite)
         results = grid.aggregate(suite)
         planned = grid.cells(suite)
         done = sum(grid.finished(suite, c) for c in planned)
-        table = report.write_report(suite, results, report.costs(suite, paths), len(planned), done)
+        table = report.write_report(suite, results, report.costs(suite, paths, prints), len(planned), done)
     except ConfigError as e:
         print(f"biodistill-evaluate: error: {e}", file=sys.stderr, flush=True)
         return 2

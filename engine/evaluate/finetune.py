@@ -14,7 +14,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -260,6 +259,7 @@ def run_cell(cell: Cell, model_path: str, model_key: str, adapters_only: bool, t
     args = TrainingArguments(
         output_dir=str(out / "trainer"), learning_rate=cell.lr, per_device_train_batch_size=cell.batch_size,
         per_device_eval_batch_size=64, num_train_epochs=protocol.epochs, weight_decay=protocol.weight_decay,
+        # transformers 5 reads a warmup_steps below 1 as a fraction of the steps (warmup_ratio is deprecated)
         lr_scheduler_type=protocol.schedule, warmup_steps=protocol.warmup_ratio, seed=cell.seed,
         save_strategy="no", eval_strategy="no", logging_strategy="epoch", report_to=[], disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
@@ -324,9 +324,3 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-
-
-def model_source(entry_path: str) -> Optional[Path]:
-    """The local directory of a model, for its size on disk (None for a hub name)."""
-    location = Path(model_location(entry_path))
-    return location if location.is_dir() else None

@@ -12,12 +12,14 @@ is reported as mean +- standard deviation over the seeds at that setting.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import asdict
 from itertools import product
 from pathlib import Path
 
@@ -47,14 +49,18 @@ def finished(suite: Suite, cell: Cell) -> bool:
 
 def model_paths(suite: Suite) -> dict[str, str]:
     """Each model's directory or hub name; a ``recipe`` entry's initial student is built here, once."""
-    return {m.name: m.path or str(initial_student(suite, m, i)) for i, m in enumerate(suite.models)}
+    return {m.name: m.path or str(initial_student(suite, m)) for m in suite.models}
 
 
-def initial_student(suite: Suite, entry: ModelEntry, index: int) -> Path:
+def initial_student(suite: Suite, entry: ModelEntry) -> Path:
     """The student ``entry.recipe`` starts from, before any distillation step (its copy of the teacher's
-    layers, or its seeded random init), saved with the recipe's tokenizer. Written once, atomically."""
+    layers, or its seeded random init), saved with the recipe's tokenizer. Written atomically, and again only
+    when the recipe has changed (a changed student then meets ``same_models``)."""
     final = Path(suite.output_dir) / "models" / entry.name
-    if (final / "config.json").is_file():
+    recipe = load_recipe(entry.recipe, check_paths=False)
+    built_from = json.dumps({k: v for k, v in asdict(recipe).items() if k != "source"}, sort_keys=True, default=str)
+    record = final / "biodistill_recipe.json"
+    if (final / "config.json").is_file() and record.is_file() and record.read_text() == built_from:
         return final
     from ..data.tokenise import recipe_tokenizer
     from ..models.outputs import Needs
@@ -62,7 +68,6 @@ def initial_student(suite: Suite, entry: ModelEntry, index: int) -> Path:
     from ..models.teacher import load_teacher
     from ..trainer import seed_everything
 
-    recipe = load_recipe(entry.recipe, check_paths=False)
     seed_everything(recipe.train.seed)  # the same init the distillation job makes
     needs_teacher = recipe.student.init == "teacher_layers"
     teacher = load_teacher(recipe, Needs(), torch.device("cpu")) if needs_teacher else None
@@ -71,6 +76,7 @@ def initial_student(suite: Suite, entry: ModelEntry, index: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     recipe_tokenizer(recipe).save_pretrained(tmp)
+    (tmp / record.name).write_text(built_from)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -115,27 +121,69 @@ def same_protocol(suite: Suite) -> None:
                     f"{now[k]!r}: keep {before.get(k)!r} to resume them, or choose another output_dir",
                 )  # fmt: skip
         return
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(f".protocol.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(now, indent=1))
-    os.replace(tmp, record)
+    _write_json(record, now)
 
 
-def run_grid(suite: Suite, overrides: list[str], worker: int = 0, workers: int = 1) -> None:
-    """Run every unfinished cell this worker owns; with several workers and this the parent, start them."""
+def fingerprint(path: str) -> str | None:
+    """sha256 of a local model's config and weight files; None for a hub name (its revision is the cache's)."""
+    root = Path(model_location(path))
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(root.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name == "config.json"):
+            digest.update(f.name.encode())
+            with open(f, "rb") as stream:
+                while chunk := stream.read(1 << 24):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def same_models(suite: Suite, paths: dict[str, str]) -> dict[str, str | None]:
+    """A model retrained in place (make demo again, a new export to the same directory) would have its old
+    cells resumed as its own: refused, naming the model. ``<output_dir>/models.json`` records each model's
+    fingerprint when its first cell runs; returns the fingerprints now."""
+    record = Path(suite.output_dir) / "models.json"
+    before = json.loads(record.read_text()) if record.is_file() else {}
+    now = {m.name: fingerprint(paths[m.name]) for m in suite.models}
+    for i, m in enumerate(suite.models):
+        if m.name in before and before[m.name] != now[m.name]:
+            raise ConfigError(
+                suite.source, f"models[{i}].{'path' if m.path else 'recipe'}",
+                f"{paths[m.name]}: its weights changed since the cells in {suite.output_dir} were trained on them "
+                f"(sha256 {str(before[m.name])[:12]} -> {str(now[m.name])[:12]}), and resuming would mix two models "
+                "in one mean: choose another output_dir, or delete this one",
+            )  # fmt: skip
+    if any(name not in before for name in now):
+        _write_json(record, before | now)
+    return now
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def run_grid(suite: Suite, overrides: list[str], worker: int = 0, workers: int = 1) -> tuple[dict, dict]:
+    """Run every unfinished cell this worker owns; with several workers and this the parent, start them.
+    Returns each model's path and fingerprint."""
     same_protocol(suite)
     paths, tasks = model_paths(suite), read_tasks(suite)
     check_models(suite, paths, tasks)
+    prints = same_models(suite, paths)
     n = _workers(suite) if workers == 1 and worker == 0 else workers
     if n > 1 and workers == 1:
         _spawn(suite, overrides, n)
-        return
+        return paths, prints
     entries = {m.name: (i, m) for i, m in enumerate(suite.models)}
     todo = [c for i, c in enumerate(cells(suite)) if i % n == worker and not finished(suite, c)]
     for number, cell in enumerate(todo, 1):
         index, entry = entries[cell.model]
         print(f"[eval] cell {number}/{len(todo)}: {cell.id}", flush=True)
         _run_one(suite, cell, paths[cell.model], f"models[{index}]", entry.adapters_only, tasks[cell.task])
+    return paths, prints
 
 
 def _run_one(suite: Suite, cell: Cell, path: str, key: str, adapters_only: bool, task: TaskData) -> None:
@@ -150,9 +198,7 @@ def _run_one(suite: Suite, cell: Cell, path: str, key: str, adapters_only: bool,
 
         result, _ = run_cell(cell, path, key, adapters_only, task, suite.protocol, out, write)
     shutil.rmtree(out / "trainer", ignore_errors=True)  # the Trainer's scratch directory: nothing kept there
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "metrics.json")  # the cell is finished from this instant
+    _write_json(out / "metrics.json", result)  # the cell is finished from this instant
 
 
 def _workers(suite: Suite) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -29,9 +30,8 @@ def weights_on_disk(path: str) -> int | None:
     return sum(f.stat().st_size for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
 
 
-def parameters(path: str, adapters_only: bool) -> tuple[int, int]:
+def parameters(model: torch.nn.Module, adapters_only: bool) -> tuple[int, int]:
     """The encoder's parameters (no task head): all of them, and those fine-tuning trains."""
-    model = _encoder(path)
     if adapters_only:
         model.train_adapters_only()
     return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -45,7 +45,8 @@ def _encoder(path: str) -> torch.nn.Module:
 
 def throughput(model: torch.nn.Module, device: str, length: int, batch: int, seconds: float) -> float:
     """Sequences per second of the encoder's forward at ``length`` tokens, ``batch`` at a time, in eval mode
-    without autograd (fp32 on CPU; bf16 on a GPU that has it, else fp16): warm up, then time ``seconds``."""
+    without autograd (fp32 on CPU; bf16 on a GPU that has it, else fp16): warm up, then time forwards for
+    ``seconds`` and at least 5 of them, and take the median forward (a shared machine's stalls skew a mean)."""
     model = model.eval().to(device)
     if device == "cuda":
         model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -55,13 +56,13 @@ def throughput(model: torch.nn.Module, device: str, length: int, batch: int, sec
         for _ in range(2):
             model(input_ids=ids, attention_mask=mask)
         _sync(device)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
+        times, start = [], time.perf_counter()
+        while len(times) < 5 or time.perf_counter() - start < seconds:
+            began = time.perf_counter()
             model(input_ids=ids, attention_mask=mask)
-            n += 1
-        _sync(device)
-        elapsed = time.perf_counter() - start
-    return n * batch / elapsed
+            _sync(device)
+            times.append(time.perf_counter() - began)
+    return batch / statistics.median(times)
 
 
 def _sync(device: str) -> None:
@@ -69,18 +70,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def costs(suite: Suite, paths: dict[str, str]) -> dict[str, dict]:
-    """Each model's parameters, size and throughput, measured once and kept (``<out>/costs/<model>.json``)."""
+def costs(suite: Suite, paths: dict[str, str], prints: dict[str, str | None]) -> dict[str, dict]:
+    """Each model's parameters, size and throughput, measured once per model fingerprint and kept
+    (``<out>/costs/<model>.json``)."""
     out = {}
     t = suite.throughput
     for m in suite.models:
         cache = Path(suite.output_dir) / "costs" / f"{m.name}.json"
-        if cache.is_file():
-            out[m.name] = json.loads(cache.read_text())
+        if cache.is_file() and (kept := json.loads(cache.read_text())).get("fingerprint") == prints[m.name]:
+            out[m.name] = kept
             continue
-        total, trainable = parameters(paths[m.name], m.adapters_only)
-        entry = {"parameters": total, "trainable": trainable, "bytes_on_disk": weights_on_disk(paths[m.name])}
         encoder = _encoder(paths[m.name])
+        total, trainable = parameters(encoder, m.adapters_only)
+        entry = {"parameters": total, "trainable": trainable, "bytes_on_disk": weights_on_disk(paths[m.name]),
+                 "fingerprint": prints[m.name]}  # fmt: skip
         for bs in t.batch_sizes:
             entry[f"cpu_seq_per_s_bs{bs}"] = throughput(encoder, "cpu", t.length, bs, t.seconds)
         entry["cpu_threads"] = torch.get_num_threads()

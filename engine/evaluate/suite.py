@@ -57,6 +57,9 @@ class TaskEntry:
     gold: str = ""  # qa: BioASQ's golden JSON for the test questions
     metric: str = ""  # the score the grid selects by; default per kind: ner f1, classification accuracy, ...
     subword_labels: Literal["first", "all"] = "first"  # ner: label the first piece (others -100) or every piece
+    # Integer-coded labels (a Hugging Face dataset's to_json writes a ClassLabel column as its ids): the name
+    # of each id, in order, e.g. [O, B-Disease, I-Disease] for ncbi_disease's ner_tags.
+    label_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -130,4 +133,7 @@ def _validate(s: Suite, sources: dict[str, str]) -> None:
     check(bool(p.batch_sizes) and min(p.batch_sizes) > 0, "protocol.batch_sizes", "a list of positive sizes")
     check(bool(p.seeds), "protocol.seeds", "at least one seed")
     check(8 <= p.max_length <= 8192, "protocol.max_length", f"must be between 8 and 8192, got {p.max_length}")
+    check(0 <= p.warmup_ratio < 1, "protocol.warmup_ratio", f"a fraction of the steps in [0, 1), got {p.warmup_ratio}")
+    check(0 <= p.qa_stride < p.qa_max_length, "protocol.qa_stride",
+          f"windows overlap by fewer tokens than they hold ({p.qa_max_length}), got {p.qa_stride}")  # fmt: skip
     check(p.workers == "auto" or p.workers >= 1, "protocol.workers", "'auto' or at least 1")

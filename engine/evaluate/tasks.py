@@ -231,8 +231,22 @@ def read_ner_jsonl(path: Path, task: TaskEntry) -> list[Sentence]:
         tokens, tags = _field(row, "tokens", path, number), _field(row, "ner_tags", path, number)
         if len(tokens) != len(tags):
             raise ConfigError(f"{path}:{number}", "ner_tags", f"{len(tags)} labels for {len(tokens)} tokens")
-        out.append(Sentence([str(t) for t in tokens], [str(t) for t in tags], f"{path}:{number}"))
+        tags = [_named(tag, task, f"{path}:{number}", "ner_tags", required=True) for tag in tags]
+        out.append(Sentence([str(t) for t in tokens], tags, f"{path}:{number}"))
     return out
+
+
+def _named(label, task: TaskEntry, where: str, name: str, required: bool = False) -> str:
+    """A label as the scores see it: integer ids become their ``label_names``. NER ids must have names
+    (seqeval reads entity types from the B-/I- names); a class id may stand for itself."""
+    if isinstance(label, bool) or not isinstance(label, int) or not (task.label_names or required):
+        return str(label)
+    if not task.label_names:
+        raise ConfigError(where, name, f"integer label {label}: give the names of the ids as label_names, "
+                          "in order (e.g. [O, B-Disease, I-Disease])")  # fmt: skip
+    if not 0 <= label < len(task.label_names):
+        raise ConfigError(where, name, f"label id {label} is outside label_names ({len(task.label_names)} names)")
+    return task.label_names[label]
 
 
 # --------------------------------------------------------------------------- classification, relation
@@ -245,7 +259,7 @@ def read_jsonl_pairs(path: Path, task: TaskEntry, fields=None) -> list[Pair]:
         out.append(Pair(
             str(_field(row, text, path, number)),
             str(_field(row, pair, path, number)) if pair else None,
-            str(_field(row, label, path, number)),
+            _named(_field(row, label, path, number), task, f"{path}:{number}", label),
             f"{path}:{number}",
         ))  # fmt: skip
     return out
