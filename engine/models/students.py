@@ -116,7 +116,8 @@ def check_positions(recipe: Recipe, teacher: Optional[PretrainedConfig], student
 def new_student(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch.nn.Module:
     """A randomly initialised student of ``config``, with an MLM head if the recipe keeps one."""
     cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
-    kwargs = {"attn_implementation": attn_implementation(needs, config)} if attn_implementation(needs, config) else {}
+    implementation = attn_implementation(needs, config)
+    kwargs = {"attn_implementation": implementation} if implementation else {}
     return cls.from_config(config, dtype=torch.float32, **kwargs)
 
 
@@ -180,8 +181,8 @@ def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Mod
     # The checkpoint's config with the overrides applied before the modules are built (a dropout
     # override set afterwards would change the config but not the model).
     kwargs = {"dtype": torch.float32, "config": student_config(recipe, None)}
-    if attn_implementation(needs, kwargs["config"]):
-        kwargs["attn_implementation"] = attn_implementation(needs, kwargs["config"])
+    if implementation := attn_implementation(needs, kwargs["config"]):
+        kwargs["attn_implementation"] = implementation
     try:
         model = cls.from_pretrained(model_location(recipe.student.path), **kwargs)
     except (OSError, ValueError) as e:
