@@ -224,6 +224,23 @@ def test_mednli_and_biobert_re_as_distributed(tmp_path):
     assert [p.label for p in data.splits["test"]] == ["0", "1"] and data.splits["test"][1].where.endswith(":3")
     e = bad(TaskEntry(name="gad", kind="relation", path=str(d), negative_label="false"))
     assert (e.key, e.message) == ("tasks[2].negative_label", "'false' is not a label of the train split (0, 1)")
+    # DDI as BLUE distributes it: every split with the index header; the no-interaction class is DDI-false
+    d = tmp_path / "ddi2013-type"
+    kinds = ["DDI-false", "DDI-effect", "DDI-mechanism"]
+    body = "index\tsentence\tlabel\n" + "".join(
+        f"{i}\t@DRUG$ alters @DRUG$ levels ({i}).\t{kinds[i % 3]}\n" for i in range(9)
+    )
+    for split in ("train", "dev", "test"):
+        write(d / f"{split}.tsv", body)
+    data = read_task(TaskEntry(name="ddi", kind="relation", path=str(d)), "tasks[3]")
+    assert (data.negative, len(data.splits["dev"]), data.splits["dev"][0].where) == (
+        "DDI-false",
+        9,
+        f"{d / 'dev.tsv'}:2",
+    )
+    write(d / "train.tsv", body + "9\t@DRUG$ and @DRUG$.\tfalse\n")
+    e = bad(TaskEntry(name="ddi", kind="relation", path=str(d)))
+    assert e.message.endswith("means no relation (DDI-false and false both could)? Name it")
 
 
 def test_models_are_checked_before_any_cell(tmp_path):

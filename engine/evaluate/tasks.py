@@ -183,10 +183,15 @@ def _negative(task: TaskEntry, labels: list[str], key: str) -> str:
         if task.negative_label not in labels:
             raise ConfigError(task.path, f"{key}.negative_label", f"'{task.negative_label}' is not a label of the train split ({', '.join(labels)})")  # fmt: skip
         return task.negative_label
-    for guess in ("0", "false", "False", "negative", "none", "None"):  # GAD / EU-ADR: 0; ChemProt, DDI: false
-        if guess in labels:
-            return guess
-    raise ConfigError(task.path, f"{key}.negative_label", f"which of {', '.join(labels)} means no relation? Name it")
+    # GAD / EU-ADR: 0; ChemProt: false (BLURB: CPR:false); DDI: DDI-false; TACRED-style sets: no_relation
+    guesses = [label for label in labels if re.split(r"[-:]", label.lower())[-1] in _NEGATIVE_WORDS]
+    if len(guesses) == 1:
+        return guesses[0]
+    found = f" ({' and '.join(guesses)} both could)" if guesses else ""
+    raise ConfigError(task.path, f"{key}.negative_label", f"which of {', '.join(labels)} means no relation{found}? Name it")  # fmt: skip
+
+
+_NEGATIVE_WORDS = {"0", "false", "negative", "none", "no_relation", "norelation", "other"}
 
 
 def _line(where: str, offset: int) -> str:
