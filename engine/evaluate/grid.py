@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, load_recipe, model_location
+from ..runtime.files import write_atomic
 from .finetune import Cell, run_cell
 from .suite import ModelEntry, Suite
 from .tasks import TaskData, read_task
@@ -161,9 +162,7 @@ def same_models(suite: Suite, paths: dict[str, str]) -> dict[str, str | None]:
 
 def _write_json(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=1))
 
 
 def run_grid(suite: Suite, overrides: list[str], worker: int = 0, workers: int = 1) -> tuple[dict, dict]:
@@ -172,7 +171,7 @@ def run_grid(suite: Suite, overrides: list[str], worker: int = 0, workers: int =
     same_protocol(suite)
     paths, tasks = model_paths(suite), read_tasks(suite)
     check_models(suite, paths, tasks)
-    prints = same_models(suite, paths)
+    prints = same_models(suite, paths) if workers == 1 else {}  # a worker's parent has checked (and hashed) them
     n = _workers(suite) if workers == 1 and worker == 0 else workers
     if n > 1 and workers == 1:
         _spawn(suite, overrides, n)

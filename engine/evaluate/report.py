@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel
 
 from ..config import model_location
 from ..models import minialbert
+from ..runtime.files import write_atomic
 from .suite import Suite
 
 
@@ -187,6 +188,4 @@ def plot(suite: Suite, doc: dict, path: Path) -> None:
 
 def _atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)

@@ -1,4 +1,4 @@
 """What runs around the loop, knowing nothing of data or models: the process group and the DeepSpeed
-config (distributed.py), checkpoints and export (checkpoint.py), resuming (resume.py), reporting
+config (distributed.py), checkpoints and export (checkpoint.py, with files.py's atomic writes), resuming (resume.py), reporting
 (report.py), the watchdog (health.py), fault injection (faults.py) and the start-up checks of the world
 (preflight.py)."""

@@ -25,6 +25,7 @@ from deepspeed.checkpoint.constants import (
 )
 
 from . import faults
+from .files import write_atomic
 from .health import JobError
 
 log = logging.getLogger(__name__)
@@ -200,20 +201,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole: written beside it, flushed, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def find(directory: str, tag: Optional[str] = None) -> Optional[tuple[str, dict]]:
