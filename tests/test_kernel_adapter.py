@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biodistill.kernels import bottleneck_adapter
 from biodistill.kernels.adapter import fused_bottleneck_adapter
+from biodistill.kernels.ops import bottleneck_adapter
 from biodistill.kernels.reference import bottleneck_adapter as reference
 
 NAMES = ["x", "down_weight", "down_bias", "up_weight", "up_bias", "norm_weight", "norm_bias"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import biodistill.kernels.kl as kl
-from biodistill.kernels import TemperatureKL, temperature_kl
 from biodistill.kernels.kl import TemperatureKLFunction, fused_temperature_kl
+from biodistill.kernels.ops import TemperatureKL, temperature_kl
 from biodistill.kernels.reference import temperature_kl as reference
 
 NEG_INF = float("-inf")

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForMaskedLM
 from biodistill.engine.config import ConfigError, LossesConfig, LossTermConfig
 from biodistill.engine.losses import DistillationModel, build_terms
 from biodistill.engine.models.outputs import Needs, encode
-from biodistill.kernels import temperature_kl
+from biodistill.kernels.ops import temperature_kl
 
 
 def kl_float64(s, t, T):

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ...kernels import kernel_mode
+from ...kernels.ops import kernel_mode
 from ..config import load_recipe
 from ..data.batches import to_device
 from ..models.smoke import smoke

@@ -14,7 +14,7 @@ Module names follow the published checkpoints' state-dict keys (``albert.albert.
 ``albert.projector``, ``albert.att_adapters.{i}.block.{0,2}``, ``vocab_projector``...), so their files
 load with ``from_pretrained`` unchanged; :func:`from_published` adds what their config.json lacks
 (it says model_type "bert"). On CUDA the adapters run as one fused Triton kernel
-(``biodistill.kernels.bottleneck_adapter``); on CPU as the PyTorch reference.
+(``biodistill.kernels.ops.bottleneck_adapter``); on CPU as the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from ...kernels import bottleneck_adapter
+from ...kernels.ops import bottleneck_adapter
 
 
 class MiniAlbertConfig(PretrainedConfig):

@@ -1,10 +1,12 @@
-"""Fused kernels for distillation, each with one shared pure-PyTorch reference (``reference.py``).
+"""The kernels' entry points: ``from biodistill.kernels.ops import temperature_kl``.
 
-The engine calls the functions exported here. Each dispatches on the tensors it is given: CUDA
-tensors take a Triton kernel where one exists, CPU tensors the reference. ``BIODISTILL_KERNELS=reference``
-forces the reference everywhere (benchmarks and A/B runs flip it); ``BIODISTILL_KERNELS=triton`` forces
-the Triton path even on CPU tensors, which is how the tests run it under ``TRITON_INTERPRET=1``.
-Nothing in this package imports the engine.
+``biodistill.kernels`` is a namespace package on purpose: kernels/ has no ``__init__.py`` (setup.py says
+why), so its entry points live in this module rather than in the package. Each one, with one shared
+pure-PyTorch reference (``reference.py``), dispatches on the tensors it is given: CUDA tensors take a
+Triton kernel where one exists, CPU tensors the reference. ``BIODISTILL_KERNELS=reference`` forces the
+reference everywhere (benchmarks and A/B runs flip it); ``BIODISTILL_KERNELS=triton`` forces the Triton
+path even on CPU tensors, which is how the tests run it under ``TRITON_INTERPRET=1``. Nothing in this
+package imports the engine.
 """
 
 from __future__ import annotations
