@@ -38,8 +38,8 @@ eval-demo: install
 test: install
 	$(PYTHON) -m pytest
 
-lint:
-	ruff check . && ruff format --check .
+lint: install
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
 
 bench-overhead: install
 	$(PYTHON) -m biodistill.engine.bench.overhead --steps 20
