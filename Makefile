@@ -27,7 +27,10 @@ demo: install
 	# The demo starts over each time: its own previous run goes first. A real job refuses to start over
 	# its checkpoints (pass --resume to continue them).
 	rm -rf runs/demo
-	deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml
+	# DS_ACCELERATOR and --log_level: without them every DeepSpeed process of a CPU run logs that it found no GPU,
+	# the launcher that it found no hostfile and which CUDA_VISIBLE_DEVICES it set. Errors still print.
+	DS_ACCELERATOR=$$($(PYTHON) -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")') \
+	  deepspeed --log_level error --num_gpus 2 launch/train.py --config configs/demo.yaml
 
 eval-demo: install
 	# After make demo: fine-tune the demo's teacher, its student before distillation and the distilled student

@@ -50,9 +50,11 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
     disk for a checkpoint of this student."""
     from .data import corpora, tokenise
     from .losses import build_terms
+    from .models.outputs import hidden_size
     from .models.students import check_positions, parameter_count, student_config, teacher_config
     from .models.teacher import seen_by_terms
     from .runtime import preflight
+    from .runtime.distributed import check_deepspeed_json, launch_world
 
     r = recipe
     preflight.check(r, resume)
@@ -62,6 +64,9 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
     teacher = teacher_config(r)
     student = student_config(r, teacher)  # student.teacher_layers against the teacher
     check_positions(r, teacher, student)  # data.max_length against both models' position embeddings
+    for note in check_deepspeed_json(r, launch_world(), hidden_size(student)):  # batch arithmetic, flags vs JSON
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[biodistill] note: {note}", file=sys.stderr, flush=True)
     build_terms(r.losses, student, seen_by_terms(r, teacher, student), r.source)  # every layer map
     tokenise.check_tokenizers(r, teacher, student)
     preflight.room_for_a_checkpoint(r, parameter_count(r, student))

@@ -166,6 +166,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     source: str = field(default="<defaults>", metadata={"internal": True})  # the file it came from
+    flags: dict = field(default_factory=dict, metadata={"internal": True})  # dotted key -> the flag that set it
 
     def needs_teacher(self) -> bool:
         return any(t.kind != "mlm" for t in self.losses.terms)
@@ -200,6 +201,7 @@ def load_recipe(
         sources["deepspeed.config"] = "command line --deepspeed_config"
     recipe = _convert(Recipe, raw, "", source, sources)
     recipe.source = source
+    recipe.flags = {k: v for k, v in sources.items() if v.startswith("command line")}
     validate(recipe, sources, check_paths)
     return recipe
 

@@ -6,6 +6,7 @@ Every one is found before any process group, weights or compute: a typo costs se
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from conftest import minilm_dir, recipe_dict, swapped_student, write_recipe
 from biodistill.engine import cli
 from biodistill.engine.data import cache as prepare
 from biodistill.engine.losses import LOSSES
+from biodistill.engine.runtime.distributed import check_deepspeed_json
 
 TERMS = [{"kind": "hidden_mse", "weight": 1.0, "layer_map": "last"}, {"kind": "logit_kl", "weight": 1.0}]
 
@@ -98,6 +100,21 @@ def checkpoints(latest: str | None, *tags: str, complete: bool = False) -> Calla
             (root / "latest").write_text(latest)
 
     return edit
+
+
+def deepspeed_json(body: str) -> Callable[[dict, Path], None]:
+    return put("deepspeed.config", write("ds.json", body))
+
+
+def lenient_cache_then_strict(recipe: dict, tmp: Path) -> None:
+    """A cache built under on_bad_input: skip (one broken record left out), then biodistill-prepare with
+    on_bad_input: error over it: strict mode must read the files again, not reuse the cache in silence."""
+    sentence = "Sepsis is a life-threatening organ dysfunction caused by a dysregulated host response. " * 6
+    lines = [json.dumps({"text": sentence + str(i)}) for i in range(12)]
+    lines.insert(1, '{"text": ')
+    recipe["data"]["train_files"] = [write("notes.jsonl", "\n".join(lines) + "\n")(tmp)]
+    assert prepare.main(["--config", str(write_recipe(tmp / "lenient.yaml", recipe))]) == 0
+    recipe["data"]["on_bad_input"] = "error"
 
 
 def under_a_file(key: str) -> Callable[[dict, Path], None]:
@@ -183,6 +200,24 @@ CASES = [
         "broken-deepspeed-json",
         "{tmp}/ds.json: not valid JSON: Expecting value: line 1 column 1 (char 0)",
         put("deepspeed.config", write("ds.json", "zero_optimization: 2")),
+    ),
+    Case(
+        "deepspeed-json-batch-arithmetic",
+        "{tmp}/ds.json: train_batch_size: 7 is not train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+        "world size = 4 x 1 x 1 = 4",
+        deepspeed_json(
+            '{"train_batch_size": 7, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}'
+        ),  # fmt: skip
+    ),
+    Case(
+        "deepspeed-json-contradicts-a-flag",
+        "command line --train.grad_accum: train.grad_accum: 2, but {tmp}/ds.json makes DeepSpeed train with "
+        'gradient_accumulation_steps 1: drop the flag, or change gradient_accumulation_steps in the JSON ("auto" '
+        "takes the recipe's value)",
+        deepspeed_json(
+            '{"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1}}'
+        ),  # fmt: skip
+        argv=["--train.grad_accum", "2"],
     ),
     Case(
         "missing-teacher",
@@ -307,6 +342,13 @@ CASES = [
         prepare=True,
     ),
     Case(
+        "strict-prepare-over-a-lenient-cache",
+        "{r}: data.train_files[0]: {tmp}/notes.jsonl: line 2: malformed JSON line (Expecting value: line 2 column 1 "
+        "(char 10)) (data.on_bad_input: error)",
+        lenient_cache_then_strict,
+        prepare=True,
+    ),
+    Case(
         "noteevents-without-text-column",
         "{r}: data.train_files[0]: {tmp}/NOTEEVENTS.csv: not a NOTEEVENTS table: no TEXT column(s) in the header",
         put("data.train_files", lambda tmp: [write("NOTEEVENTS.csv", "ROW_ID,CATEGORY,ISERROR\n1,Nursing,\n")(tmp)]),
@@ -410,3 +452,33 @@ def test_a_nonfinite_value_in_any_teacher_layer_is_seen(tiny_teacher):
                     out = encode(teacher, ids, mask, needs)
                 hook.remove()
                 assert bool(_nonfinite(out)), (layer, value, row, pos)
+
+
+def test_deepspeed_json_is_read_as_deepspeed_reads_it(tmp_path, tiny_teacher, tiny_corpus):
+    """DeepSpeed's batch rules (any two of the three give the third), at a world size of 4; and a recipe-file
+    value that the JSON replaces is said, not silent."""
+    from biodistill.engine.config import ConfigError, load_recipe
+
+    def check(body: dict, *flags: str, world: int = 4) -> list[str]:
+        (tmp_path / "ds.json").write_text(json.dumps(body))
+        recipe = recipe_dict(
+            tiny_teacher, tiny_corpus, tmp_path, TERMS, deepspeed={"config": str(tmp_path / "ds.json")}
+        )
+        return check_deepspeed_json(load_recipe(write_recipe(tmp_path / "r.yaml", recipe), list(flags)), world, 64)
+
+    assert check({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}) == [
+        f"{tmp_path / 'ds.json'} sets gradient_accumulation_steps 2, over the recipe's train.grad_accum 1"
+    ]
+    assert check({"train_batch_size": 16, "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}) == []  # fmt: skip
+    assert check({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}) == [
+        f"{tmp_path / 'ds.json'} sets zero_optimization.stage 3, over the recipe's deepspeed.zero_stage 2"
+    ]
+    with pytest.raises(ConfigError) as e:
+        check({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4})
+    assert (e.value.key, e.value.message) == ("train_batch_size", "30 is not a multiple of train_micro_batch_size_per_gpu x world size = 4 x 4")  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        check({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2}, "--train.micro_batch_size", "4")
+    assert e.value.key == "train.micro_batch_size" and "makes DeepSpeed train with train_micro_batch_size_per_gpu 2" in e.value.message  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        check({"train_micro_batch_size_per_gpu": 0})
+    assert (e.value.key, e.value.message) == ("train_micro_batch_size_per_gpu", "must be a positive integer, got 0")

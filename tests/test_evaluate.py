@@ -124,6 +124,92 @@ def test_biobert_ner_folder_as_distributed(tmp_path):
     assert data.splits["test"][0].where == f"{tmp_path / 'test.tsv'}:1"
 
 
+def test_biobert_ner_folder_with_all_four_files_needs_no_dev_key(tmp_path, capsys):
+    """BC5CDR, BC2GM, JNLPBA as BioBERT distributes them: train, devel, train_dev (= train + devel), test. One dev
+    split, devel.tsv; a train_dev.tsv that, less train, disagrees with it is said (a folder mixing releases)."""
+    train, devel = "Aspirin\tB\nhelps\tO\n\n", "Cisplatin\tB\nhurts\tO\n\n"
+    for name, text in {
+        "train.tsv": train,
+        "devel.tsv": devel,
+        "train_dev.tsv": train + devel,
+        "test.tsv": devel,
+    }.items():
+        write(tmp_path / name, text)
+    data = read_task(ner_task(tmp_path), "tasks[0]")
+    assert data.files["dev"] == str(tmp_path / "devel.tsv") and [s.words for s in data.splits["dev"]] == [["Cisplatin", "hurts"]]  # fmt: skip
+    assert capsys.readouterr().err == ""
+    write(tmp_path / "train_dev.tsv", train + devel + "Ibuprofen\tB\n\n")
+    read_task(ner_task(tmp_path), "tasks[0]")
+    assert capsys.readouterr().err.strip() == (
+        f"[eval] note: {tmp_path / 'devel.tsv'} is the dev split; train_dev.tsv beside it, less train, holds 2 "
+        "sentences against its 1: they disagree, and the authors' script reads the latter"
+    )
+
+
+def test_labels_are_stripped_and_a_bom_is_not_a_column_name(tmp_path):
+    d = tmp_path / "ner"
+    for split in ("train", "devel", "test"):
+        write(d / f"{split}.tsv", "not\tO \nsepsis\tB-Disease\r\n\n")
+    data = read_task(ner_task(d), "tasks[0]")
+    assert data.labels == ["O", "B-Disease"] and data.splits["train"][0].words == ["not", "sepsis"]
+    d = tmp_path / "csv"
+    for split in ("train", "dev", "test"):  # Excel's csv: a byte-order mark before the header
+        (d / f"{split}.csv").parent.mkdir(parents=True, exist_ok=True)
+        (d / f"{split}.csv").write_bytes("text,label\nchest pain,cardio \n".encode("utf-8-sig"))
+    data = read_task(TaskEntry(name="c", kind="classification", path=str(d)), "tasks[1]")
+    assert data.labels == ["cardio"] and data.splits["test"][0].text == "chest pain"
+
+
+def test_field_types_are_checked_by_file_line_and_field(tmp_path):
+    def jsonl_task(kind: str, rows: dict[str, list[dict]], **fields) -> ConfigError:
+        d = tmp_path / kind
+        for split, lines in rows.items():
+            write(d / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
+        return bad(TaskEntry(name="t", kind=kind, path=str(d), **fields))
+
+    ok = {"tokens": ["Aspirin"], "ner_tags": ["B-Chemical"]}
+    e = jsonl_task("ner", {"train": [ok], "dev": [ok], "test": [ok, {"tokens": "abc", "ner_tags": ["O"] * 3}]})
+    assert (e.source, e.key, e.message) == (f"{tmp_path / 'ner' / 'test.jsonl'}:2", "tokens", "expected a list of strings, got str 'abc'")  # fmt: skip
+    ok = {"text": "chest pain", "label": "cardio"}
+    e = jsonl_task("classification", {"train": [ok, {"text": "fever", "label": None}], "dev": [ok], "test": [ok]})
+    assert (e.source, e.key, e.message) == (f"{tmp_path / 'classification' / 'train.jsonl'}:2", "label", "None is not a label: a string or an integer id")  # fmt: skip
+    e = jsonl_task("classification", {"train": [ok], "dev": [{"text": None, "label": "cardio"}], "test": [ok]})
+    assert (e.key, e.message) == ("text", "expected a string, got NoneType 'None'")
+    # QA: a boolean answer_start (JSON's true passed as offset 1), a "data" that is not a list
+    d = tmp_path / "qa"
+    context = "Imatinib inhibits BCR-ABL."
+    squad = {"data": [{"paragraphs": [{"context": context, "qas": [
+        {"id": "5f3_001", "question": "Which target?", "answers": [{"text": "matinib", "answer_start": True}]}]}]}]}  # fmt: skip
+    write(d / "train.json", json.dumps(squad))
+    write(d / "test.json", json.dumps(squad))
+    gold = write(d / "gold.json", json.dumps({"questions": [{"id": "5f3", "type": "factoid", "exact_answer": [["imatinib"]]}]}))  # fmt: skip
+    qa = TaskEntry(name="qa", kind="qa", path=str(d), gold=str(gold))
+    e = bad(qa)
+    assert (e.key, e.message) == ("answers[0].answer_start", "True does not point at the answer 'matinib' in its context (it reads None)")  # fmt: skip
+    write(d / "train.json", json.dumps({"data": {"paragraphs": []}}))
+    e = bad(qa)
+    assert (e.source, e.key, e.message) == (str(d / "train.json"), "data", "expected a list, got dict \"{'paragraphs': []}\"")  # fmt: skip
+
+
+def test_bioasq_gold_must_be_the_test_sets(tmp_path):
+    d = tmp_path / "qa"
+    qas = [{"id": f"5f3_00{i}", "question": "Which drug?", "answers": [{"text": "Imatinib", "answer_start": 0}]} for i in range(3)]  # fmt: skip
+    squad = {"data": [{"paragraphs": [{"context": "Imatinib inhibits BCR-ABL.", "qas": qas}]}]}
+    write(d / "train.json", json.dumps(squad))
+    write(d / "test.json", json.dumps(squad))
+    gold = d / "gold.json"
+    qa = TaskEntry(name="qa", kind="qa", path=str(d), gold=str(gold))
+    write(gold, json.dumps({"questions": [{"id": "6a1", "type": "factoid", "exact_answer": [["x"]]}]}))
+    e = bad(qa)
+    assert (e.source, e.key, e.message) == (str(gold), "tasks[2].gold", "holds none of the test set's 1 question ids (e.g. '5f3'): is it the golden file of another batch?")  # fmt: skip
+    write(gold, json.dumps({"questions": [{"type": "factoid", "exact_answer": [["x"]]}]}))
+    e = bad(qa)
+    assert (e.source, e.key, e.message) == (f"{gold}: questions[0]", "id", "missing (the entry has type, exact_answer)")
+    write(gold, json.dumps({"questions": [{"id": "5f3", "type": "list", "exact_answer": [["x"]]}]}))
+    e = bad(qa)
+    assert e.message == "no factoid question with an exact_answer: nothing to score the test set on"
+
+
 def test_conll_columns_skip_docstart_and_take_the_last_column(tmp_path):
     write(tmp_path / "train.txt", "-DOCSTART- -X- O O\n\nAspirin NN B-NP B-Chemical\nhelps VBZ B-VP O\n\n")
     write(tmp_path / "dev.txt", "Aspirin NN B-NP B-Chemical\n")
@@ -263,6 +349,14 @@ def test_models_are_checked_before_any_cell(tmp_path):
         "its TokenClassification head has 3 labels (LABEL_0, LABEL_1, LABEL_2), task 't' has 5 "
         "(O, B-Chemical, I-Chemical, B-Disease, I-Disease)"
     )
+    # tokenizer and config but no weights: refused before any cell, as from_pretrained would refuse it after
+    no_weights = make_bert(tmp_path / "no-weights", layers=1, hidden=32)
+    (no_weights / "model.safetensors").unlink()
+    suite = load_suite(write(tmp_path / "s.yaml", f"models: [{{name: w, path: {no_weights}}}]\ntasks: [{{name: ner, kind: ner, path: {SAMPLE_NER}}}]\n"))  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        check_models(suite, {"w": str(no_weights)}, {"ner": data})
+    assert (e.value.source, e.value.key) == (str(no_weights), "models[0].path")
+    assert e.value.message.startswith("no weights file (none of model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json; it holds config.json")  # fmt: skip
     with pytest.raises(ConfigError, match="bert has no adapters") as e:
         build_model(str(tmp_path / "bare"), "models[0].path", data, adapters_only=True)
     assert e.value.key == "models[0].adapters_only"
@@ -299,6 +393,16 @@ def test_suite_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_suite(REPO / "configs" / "eval" / "demo.yaml", ["--protocol.lrs", "[0]"])
     assert e.value.source == "command line --protocol.lrs"
+    # the throughput section is checked with the rest, not after every cell has trained
+    demo = REPO / "configs" / "eval" / "demo.yaml"
+    for flag, value, message in (
+        ("length", "-5", "tokens, between 8 and 8192, got -5"),
+        ("batch_sizes", "[]", "a list of positive batch sizes (each a column of the table), got []"),
+        ("seconds", "-1", "seconds timed per measurement, must be positive, got -1.0"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_suite(demo, [f"--throughput.{flag}", value])
+        assert (e.value.source, e.value.key, e.value.message) == (f"command line --throughput.{flag}", f"throughput.{flag}", message)  # fmt: skip
 
 
 def test_cut_sentences_are_counted():
@@ -442,3 +546,27 @@ throughput: {{batch_sizes: [1, 4], seconds: 0.2}}
 def test_shipped_suites_load(path):
     suite = load_suite(path)
     assert suite.models and suite.tasks
+
+
+def test_report_tells_same_size_models_apart_and_shows_throughput_noise(tmp_path):
+    """Two students of one architecture (before and after distillation): apart on the plot, one precision in
+    the table, and each throughput with its spread, measured over at least MIN_FORWARDS forwards."""
+    from biodistill.engine.evaluate import report
+
+    encoder = AutoModel.from_pretrained(make_bert(tmp_path / "m", layers=1, hidden=32))
+    calls = []
+    encoder.register_forward_hook(lambda *_: calls.append(1))
+    rate, spread = report.throughput(encoder, "cpu", length=16, batch=2, seconds=0.0)
+    assert len(calls) == 2 + report.MIN_FORWARDS and rate > 0 and 0 <= spread < 1  # two warm-up forwards
+    suite = load_suite(REPO / "configs" / "eval" / "demo.yaml", ["--output_dir", str(tmp_path / "out")])
+    task = {t.name: {"test_mean": 0.8, "test_std": 0.01, "truncated": {}} for t in suite.tasks}
+    cost = {"parameters": 17_430_000, "trainable": 17_430_000, "bytes_on_disk": 2**26, "cpu_seq_per_s_bs1": 63.3,
+            "cpu_spread_bs1": 0.04, "cpu_seq_per_s_bs32": 53.5, "cpu_spread_bs32": 0.12}  # fmt: skip
+    doc = {"models": {"student-before": {**cost, "tasks": task}, "student-after": {**cost, "tasks": task},
+                      "teacher": {**cost, "parameters": 22_713_216, "trainable": 22_713_216, "tasks": task}}}  # fmt: skip
+    offsets = report._offsets({name: m["parameters"] / 1e6 for name, m in doc["models"].items()})
+    assert offsets["student-before"] < 0 < offsets["student-after"] and offsets["teacher"] == 0
+    table = report.markdown(suite, doc, 1, 1)
+    assert "| teacher | 22.71M / 22.71M | 64.0 MiB |" in table and "| 63.3 ± 4% | 53.5 ± 12% |" in table
+    report.plot(suite, doc, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

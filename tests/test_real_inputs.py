@@ -409,32 +409,35 @@ def test_max_length_beyond_the_teacher_s_positions_is_refused_before_any_work(tm
 
 
 PLAN_ALL_RECIPES = """
-import glob, time
+import glob, sys, time
 start = time.perf_counter()
 from biodistill.engine.runtime import hub
-online = hub.decide()
+if sys.argv[1] == "cli":
+    hub.decide()  # what the command lines do at start
 from biodistill.engine.config import load_recipe
 from biodistill.engine.models.students import student_config, teacher_config
 for path in sorted(glob.glob("configs/*.yaml")):
     r = load_recipe(path, check_paths=False)
     student_config(r, teacher_config(r))
-print(online, hub._decision["why"], round(time.perf_counter() - start, 1))
+print(hub._decision["online"], hub._decision["why"], round(time.perf_counter() - start, 1))
 """
 
 
 @pytest.mark.skipif(subprocess.run(["unshare", "-n", "true"]).returncode != 0, reason="needs unshare -n (root)")
-def test_offline_planning_of_every_recipe_takes_seconds(tmp_path):
-    """In a network namespace of its own (no route anywhere) and without HF_HUB_OFFLINE: the probe
-    decides, and every recipe's full-size configs come from the published shapes at once."""
+@pytest.mark.parametrize("caller", ["cli", "library"])
+def test_offline_planning_of_every_recipe_takes_seconds(tmp_path, caller):
+    """In a network namespace of its own (no route anywhere) and without HF_HUB_OFFLINE: the probe decides
+    (at start for the command lines, at the first hub lookup for a notebook calling the loaders), and every
+    recipe's full-size configs come from the published shapes at once."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
     started = time.perf_counter()
-    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", PLAN_ALL_RECIPES], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)  # fmt: skip
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", PLAN_ALL_RECIPES, caller], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     online, *why, seconds = proc.stdout.split()
     assert online == "False" and "huggingface.co:443 unreachable" in " ".join(why)
-    assert time.perf_counter() - started < 60  # 3 min 41 s without the probe (environment.md); ~10 s here
+    assert time.perf_counter() - started < 60  # 221 s for the library path without it (issue 29); ~10 s here
 
 
 def test_a_hub_name_missing_from_an_offline_cache_fails_at_once_naming_model_and_cache(tmp_path, tiny_corpus):

@@ -102,6 +102,11 @@ def prepare(data: DataConfig, tokenizer, source: str, is_builder: bool, barrier:
     if is_builder and not (final / "meta.json").is_file():
         build(data, tokenizer, source, final, progress=is_builder)
         built = True
+    elif is_builder and data.on_bad_input == "error" and json.loads((final / "meta.json").read_text())["skipped"]:
+        # Built under on_bad_input: skip, this cache left records out, which strict mode must not accept in
+        # silence: read the files again, so the first bad record stops the job by file and line. (The cache
+        # stays: its key and content do not depend on the mode, only on what the files hold.)
+        build(data, tokenizer, source, final, progress=is_builder)
     barrier()
     if not (final / "meta.json").is_file():
         raise RuntimeError(f"data cache {final} was not built; is data.cache_dir shared between the ranks of a node?")

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..config import ConfigError, Recipe, is_local, model_location, resolve_path
+from ..config import ConfigError, Recipe, is_local, resolve_path
 from ..runtime import hub
 
 
@@ -32,7 +32,7 @@ def recipe_tokenizer(recipe):
     own = recipe.student.path and (recipe.teacher.vocab_map or not recipe.teacher.path)
     key, name = ("student.path", recipe.student.path) if own else ("teacher.path", recipe.teacher.path)
     try:
-        return AutoTokenizer.from_pretrained(model_location(name))
+        return AutoTokenizer.from_pretrained(hub.location(name))
     except (OSError, ValueError) as e:
         raise ConfigError(recipe.source, key, hub.load_error(name, e, "tokenizer")) from None
 

@@ -33,6 +33,7 @@ from transformers import (
 
 from ..config import ConfigError, model_location
 from ..models import minialbert
+from ..runtime import hub
 from . import metrics
 from .suite import Protocol
 from .tasks import TaskData, bioasq_id
@@ -77,7 +78,7 @@ def load_tokenizer(path: str, key: str):
         raise ConfigError(path, key, f"no tokenizer saved beside the weights (none of {', '.join(_TOKENIZER_FILES)}); "
                           "save the model's tokenizer into the directory")  # fmt: skip
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_location(path))
+        tokenizer = AutoTokenizer.from_pretrained(hub.location(path))
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(path, key, f"no tokenizer could be loaded from it ({type(e).__name__}: {str(e)[:200]}); "
                           "save the model's tokenizer beside its weights") from None  # fmt: skip
@@ -88,11 +89,21 @@ def load_tokenizer(path: str, key: str):
     return tokenizer
 
 
+def check_weights(path: str, key: str) -> None:
+    """A local model directory must hold weights where from_pretrained will look, or its first cell would fail
+    after every earlier cell had trained."""
+    local = Path(model_location(path))
+    if local.is_dir() and not any((local / name).is_file() for name in hub.WEIGHT_FILES):
+        have = ", ".join(sorted(f.name for f in local.iterdir())[:8]) or "nothing"
+        raise ConfigError(path, key, f"no weights file (none of {', '.join(hub.WEIGHT_FILES)}; it holds {have}): "
+                          "save the model with save_pretrained")  # fmt: skip
+
+
 def model_config(path: str, key: str, task: TaskData):
     """The model's config set up for ``task``'s head. A checkpoint that already has a head of this kind must
     have as many labels as the task: its head would otherwise be silently re-initialised."""
     try:
-        config = minialbert.resolve_config(AutoConfig.from_pretrained(model_location(path)))
+        config = minialbert.resolve_config(AutoConfig.from_pretrained(hub.location(path)))
     except (OSError, ValueError) as e:
         raise ConfigError(path, key, f"cannot read its config: {str(e)[:200]}") from None
     kind = task.entry.kind
@@ -114,7 +125,7 @@ def build_model(path: str, key: str, task: TaskData, adapters_only: bool) -> tor
     config = model_config(path, key, task)
     cls = _HEADS[task.entry.kind]
     try:
-        model = cls.from_pretrained(model_location(path), config=config)
+        model = cls.from_pretrained(hub.location(path), config=config)
     except ValueError as e:  # e.g. a family without this head (MiniALBERT has no QA head)
         raise ConfigError(path, key, f"no {task.entry.kind} head for it: {str(e)[:200]}") from None
     if adapters_only:

@@ -90,7 +90,7 @@ def read_tasks(suite: Suite) -> dict[str, TaskData]:
 
 def check_models(suite: Suite, paths: dict[str, str], tasks: dict[str, TaskData]) -> None:
     """Every model's tokenizer and config, and its head against every task, before any cell runs."""
-    from .finetune import load_tokenizer, model_config
+    from .finetune import check_weights, load_tokenizer, model_config
 
     for i, m in enumerate(suite.models):
         key = f"models[{i}].{'path' if m.path else 'recipe'}"
@@ -98,6 +98,7 @@ def check_models(suite: Suite, paths: dict[str, str], tasks: dict[str, TaskData]
         hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~", "pkg://"))
         if not Path(model_location(path)).is_dir() and not hub_name:
             raise ConfigError(suite.source, key, f"{path}: no such model directory (a hub name is organisation/name)")
+        check_weights(path, key)
         load_tokenizer(path, key)
         for task in tasks.values():
             model_config(paths[m.name], key, task)

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel
 
 from ..config import model_location
 from ..models import minialbert
+from ..runtime import hub
 from ..runtime.files import write_atomic
 from .suite import Suite
 
@@ -39,15 +40,20 @@ def parameters(model: torch.nn.Module, adapters_only: bool) -> tuple[int, int]:
 
 
 def _encoder(path: str) -> torch.nn.Module:
-    location = model_location(path)
+    location = hub.location(path)
     config = minialbert.resolve_config(AutoConfig.from_pretrained(location))
     return AutoModel.from_pretrained(location, config=config)
 
 
-def throughput(model: torch.nn.Module, device: str, length: int, batch: int, seconds: float) -> float:
+MIN_FORWARDS = 20  # timed forwards per figure, whatever ``seconds`` allows: fewer left the spread above the differences
+
+
+def throughput(model: torch.nn.Module, device: str, length: int, batch: int, seconds: float) -> tuple[float, float]:
     """Sequences per second of the encoder's forward at ``length`` tokens, ``batch`` at a time, in eval mode
     without autograd (fp32 on CPU; bf16 on a GPU that has it, else fp16): warm up, then time forwards for
-    ``seconds`` and at least 5 of them, and take the median forward (a shared machine's stalls skew a mean)."""
+    ``seconds`` and at least MIN_FORWARDS of them, and take the median forward (a shared machine's stalls skew
+    a mean). Returns it with its spread: half the interquartile range of the forwards' times, relative to the
+    median, so that the table says when two figures are within each other's noise."""
     model = model.eval().to(device)
     if device == "cuda":
         model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -58,12 +64,13 @@ def throughput(model: torch.nn.Module, device: str, length: int, batch: int, sec
             model(input_ids=ids, attention_mask=mask)
         _sync(device)
         times, start = [], time.perf_counter()
-        while len(times) < 5 or time.perf_counter() - start < seconds:
+        while len(times) < MIN_FORWARDS or time.perf_counter() - start < seconds:
             began = time.perf_counter()
             model(input_ids=ids, attention_mask=mask)
             _sync(device)
             times.append(time.perf_counter() - began)
-    return batch / statistics.median(times)
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return batch / median, (q3 - q1) / 2 / median
 
 
 def _sync(device: str) -> None:
@@ -86,11 +93,15 @@ def costs(suite: Suite, paths: dict[str, str], prints: dict[str, str | None]) ->
         entry = {"parameters": total, "trainable": trainable, "bytes_on_disk": weights_on_disk(paths[m.name]),
                  "fingerprint": prints[m.name]}  # fmt: skip
         for bs in t.batch_sizes:
-            entry[f"cpu_seq_per_s_bs{bs}"] = throughput(encoder, "cpu", t.length, bs, t.seconds)
+            entry[f"cpu_seq_per_s_bs{bs}"], entry[f"cpu_spread_bs{bs}"] = throughput(
+                encoder, "cpu", t.length, bs, t.seconds
+            )
         entry["cpu_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():  # after the CPU figures: it moves the encoder to the GPU in half precision
             for bs in t.batch_sizes:
-                entry[f"gpu_seq_per_s_bs{bs}"] = throughput(encoder, "cuda", t.length, bs, t.seconds)
+                entry[f"gpu_seq_per_s_bs{bs}"], entry[f"gpu_spread_bs{bs}"] = throughput(
+                    encoder, "cuda", t.length, bs, t.seconds
+                )
             entry["gpu"] = torch.cuda.get_device_name()
         _atomic(cache, json.dumps(entry, indent=1))
         out[m.name] = entry
@@ -120,20 +131,21 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
     head += [f"CPU seq/s bs{b}" for b in bs] + ([f"GPU seq/s bs{b}" for b in bs] if gpu else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in doc["models"].items():
-        row = [name, f"{m['parameters'] / 1e6:.1f}M / {m['trainable'] / 1e6:.2f}M", _size(m["bytes_on_disk"])]
+        row = [name, f"{m['parameters'] / 1e6:.2f}M / {m['trainable'] / 1e6:.2f}M", _size(m["bytes_on_disk"])]
         for t in suite.tasks:
             r = m["tasks"].get(t.name)
             row.append(f"{100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f}" if r else "-")
-        row += [f"{m[f'cpu_seq_per_s_bs{b}']:.1f}" for b in bs]
-        row += [f"{m.get(f'gpu_seq_per_s_bs{b}', float('nan')):.0f}" for b in bs] if gpu else []
+        row += [_rate(m, "cpu", b, ".1f") for b in bs]
+        row += [_rate(m, "gpu", b, ".0f") for b in bs] if gpu else []
         lines.append("| " + " | ".join(row) + " |")
     p = suite.protocol
     lines += [
         "",
         f"Test scores x100, mean ± std over {len(p.seeds)} seeds at the lr (of {', '.join(f'{x:g}' for x in p.lrs)}) "
         f"with the best mean dev score; {p.epochs:g} epochs, {p.schedule} schedule, weight decay {p.weight_decay:g}. "
-        f"Throughput: the encoder's forward at {suite.throughput.length} tokens, sequences/s, "
-        f"on {torch.get_num_threads()} CPU threads" + (" and the GPU named in results.json." if gpu else "."),
+        f"Throughput: the encoder's forward at {suite.throughput.length} tokens, sequences/s (median of at least "
+        f"{MIN_FORWARDS} forwards, ± half their interquartile range), on {torch.get_num_threads()} CPU threads"
+        + (" and the GPU named in results.json." if gpu else "."),
         f"Cells finished: {done} of {expected}." + ("" if done == expected else " Rerun the same command to finish."),
     ]
     cut = {
@@ -150,6 +162,13 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rate(m: dict, device: str, batch: int, fmt: str) -> str:
+    rate, spread = m.get(f"{device}_seq_per_s_bs{batch}"), m.get(f"{device}_spread_bs{batch}")
+    if rate is None:
+        return "-"
+    return f"{rate:{fmt}}" + (f" ± {100 * spread:.0f}%" if spread is not None else "")
+
+
 def _size(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -161,20 +180,24 @@ def plot(suite: Suite, doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    offsets = _offsets({name: m["parameters"] / 1e6 for name, m in doc["models"].items()})
     for t in suite.tasks:
         xs, ys, es, names = [], [], [], []
         for name, m in doc["models"].items():
             r = m["tasks"].get(t.name)
             if r:
-                xs.append(m["parameters"] / 1e6)
+                xs.append(m["parameters"] / 1e6 + offsets[name])
                 ys.append(100 * r["test_mean"])
                 es.append(100 * r["test_std"])
                 names.append(name)
         if xs:
             ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=f"{t.name} ({suite.metric(t)})")
-            for x, y, n in zip(xs, ys, names):
-                ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("parameters (millions)")
+            for x, y, n in zip(xs, ys, names):  # the left one of a same-size pair is labelled on its left
+                side = -1 if offsets[n] < 0 else 1
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(5 * side, 4 * side), fontsize=8,
+                            ha="left" if side > 0 else "right", va="bottom" if side > 0 else "top")  # fmt: skip
+    ax.margins(x=0.18)  # room for the outer labels
+    ax.set_xlabel("parameters (millions; models of one size side by side)")
     ax.set_ylabel("test score x100 (mean ± std over seeds)")
     ax.set_title(f"{suite.name}: score against size")
     ax.grid(alpha=0.3)
@@ -184,6 +207,17 @@ def plot(suite: Suite, doc: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _offsets(sizes: dict[str, float]) -> dict[str, float]:
+    """x offsets (millions of parameters) that spread models of the same size (a student before and after
+    distillation, say) side by side around their true size, instead of one on top of the other."""
+    span = (max(sizes.values()) - min(sizes.values())) or max(sizes.values()) or 1.0
+    groups: dict[float, list[str]] = {}
+    for name, size in sizes.items():
+        groups.setdefault(round(size, 1), []).append(name)
+    step = 0.03 * span
+    return {n: (j - (len(g) - 1) / 2) * step for g in groups.values() for j, n in enumerate(g)}
 
 
 def _atomic(path: Path, text: str) -> None:

@@ -137,3 +137,8 @@ def _validate(s: Suite, sources: dict[str, str]) -> None:
     check(0 <= p.qa_stride < p.qa_max_length, "protocol.qa_stride",
           f"windows overlap by fewer tokens than they hold ({p.qa_max_length}), got {p.qa_stride}")  # fmt: skip
     check(p.workers == "auto" or p.workers >= 1, "protocol.workers", "'auto' or at least 1")
+    t = s.throughput  # checked now: the report measures it after every cell has trained
+    check(8 <= t.length <= 8192, "throughput.length", f"tokens, between 8 and 8192, got {t.length}")
+    check(bool(t.batch_sizes) and min(t.batch_sizes) > 0, "throughput.batch_sizes",
+          f"a list of positive batch sizes (each a column of the table), got {t.batch_sizes}")  # fmt: skip
+    check(t.seconds > 0, "throughput.seconds", f"seconds timed per measurement, must be positive, got {t.seconds}")

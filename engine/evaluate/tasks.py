@@ -12,6 +12,7 @@ import csv
 import json
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,8 +23,11 @@ from .suite import TaskEntry
 SPLITS = ("train", "dev", "test")
 # Words in a file's name that say which split it holds (MedNLI: mli_dev_v1.jsonl; BioBERT: devel.tsv).
 _SPLIT_WORDS = {"train": {"train"}, "dev": {"dev", "devel", "valid", "validation", "val"}, "test": {"test"}}
+# Excel and Windows tools start csv/tsv files with a byte-order mark; utf-8-sig drops it, as pandas does.
+TEXT = "utf-8-sig"
 _EXTENSIONS = {".tsv", ".txt", ".conll", ".iob", ".iob2", ".bio", ".jsonl", ".json", ".csv"}
 DEV_FRACTION = 0.1  # of train, when a set has no dev split (GAD, EU-ADR)
+TRAIN_DEV = "train_dev.tsv"  # BioBERT's NER folders: train + devel concatenated
 
 
 @dataclass
@@ -67,11 +71,12 @@ def read_task(task: TaskEntry, key: str) -> TaskData:
     reader = _READERS[fmt]
     splits = {name: reader(path, task) for name, path in files.items() if path is not None}
     sources = {name: str(path) for name, path in files.items() if path is not None}
-    if task.kind == "ner" and files["dev"] is not None and files["dev"].name == "train_dev.tsv":
+    if task.kind == "ner" and files["dev"] is not None and files["dev"].name == TRAIN_DEV:
         # BioBERT's train_dev.tsv is train + devel: the authors' validation is it less the train sentences.
-        seen = {(tuple(s.words), tuple(s.labels)) for s in splits["train"]}
-        splits["dev"] = [s for s in splits["dev"] if (tuple(s.words), tuple(s.labels)) not in seen]
+        splits["dev"] = _less_train(splits["dev"], splits["train"])
         sources["dev"] = f"{files['dev']} less the sentences of {files['train'].name}"
+    elif task.kind == "ner" and not task.dev and files["dev"] and (files["dev"].parent / TRAIN_DEV).is_file():
+        _agrees_with_train_dev(files["dev"], splits, reader, task)
     if files["dev"] is None:  # a fixed 10% of train, the same for every model and seed
         rows = splits["train"]
         order = list(range(len(rows)))
@@ -90,6 +95,7 @@ def read_task(task: TaskEntry, key: str) -> TaskData:
         data.negative = _negative(task, data.labels, key)
     if task.kind == "qa":
         data.gold = read_bioasq_gold(resolve_path(task.gold), f"{key}.gold")
+        _check_gold(splits["test"], data.gold, str(resolve_path(task.gold)), f"{key}.gold")
     return data
 
 
@@ -119,9 +125,25 @@ def _split_files(task: TaskEntry, key: str) -> dict[str, Optional[Path]]:
         raise ConfigError(
             str(base), f"{key}.{missing[0]}", f"no {missing[0]} file found: name it with {key}.{missing[0]}"
         )
-    if out["dev"] is None and task.kind == "ner" and (base / "train_dev.tsv").is_file():
-        out["dev"] = base / "train_dev.tsv"  # BioBERT's: train + devel; the train sentences are removed below
+    if out["dev"] is None and task.kind == "ner" and (base / TRAIN_DEV).is_file():
+        out["dev"] = base / TRAIN_DEV  # BioBERT's: train + devel; the train sentences are removed below
     return out
+
+
+def _less_train(sentences: list[Sentence], train: list[Sentence]) -> list[Sentence]:
+    seen = {(tuple(s.words), tuple(s.labels)) for s in train}
+    return [s for s in sentences if (tuple(s.words), tuple(s.labels)) not in seen]
+
+
+def _agrees_with_train_dev(devel: Path, splits: dict[str, list], reader, task: TaskEntry) -> None:
+    """devel.tsv is the dev split; say so when BioBERT's train_dev.tsv beside it, less train, holds other
+    sentences (a folder mixing two releases), since the authors' script would have validated on those."""
+    derived = _less_train(reader(devel.parent / TRAIN_DEV, task), splits["train"])
+    key = lambda s: (tuple(s.words), tuple(s.labels))  # noqa: E731
+    if sorted(map(key, derived)) != sorted(map(key, splits["dev"])):
+        print(f"[eval] note: {devel} is the dev split; {TRAIN_DEV} beside it, less train, holds {len(derived)} "
+              f"sentences against its {len(splits['dev'])}: they disagree, and the authors' script reads the latter",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _find(base: Path, split: str, key: str) -> Optional[Path]:
@@ -132,6 +154,9 @@ def _find(base: Path, split: str, key: str) -> Optional[Path]:
         words = set(re.split(r"[_\-.\s]+", path.stem.lower()))
         if words & _SPLIT_WORDS[split] and not (split == "train" and words & _SPLIT_WORDS["dev"]):
             found.append(path)
+    if split == "dev" and len(found) == 2 and TRAIN_DEV in {p.name for p in found}:
+        # BioBERT's NER folders hold devel.tsv beside train_dev.tsv (train + devel): one dev split, devel.tsv
+        found = [p for p in found if p.name != TRAIN_DEV]
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise ConfigError(str(base), f"{key}.{split}", f"several files could be the {split} split ({names}): name one")
@@ -206,7 +231,7 @@ def read_ner_columns(path: Path, task: TaskEntry, exact: bool) -> list[Sentence]
     """BioBERT's TSV (``exact``: exactly token<TAB>label) or CoNLL columns (token first, label last,
     whitespace separated, ``-DOCSTART-`` lines skipped). A blank line ends a sentence."""
     sentences, words, labels, start = [], [], [], 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=TEXT) as f:
         for number, line in enumerate(f, 1):
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip() or line.startswith("-DOCSTART-"):
@@ -223,7 +248,7 @@ def read_ner_columns(path: Path, task: TaskEntry, exact: bool) -> list[Sentence]
             if not words:
                 start = number
             words.append(cols[0])
-            labels.append(cols[-1])
+            labels.append(_label(cols[-1], f"{path}:{number}", "label"))
     if words:
         sentences.append(Sentence(words, labels, f"{path}:{start}"))
     return sentences
@@ -233,18 +258,24 @@ def read_ner_jsonl(path: Path, task: TaskEntry) -> list[Sentence]:
     """One sentence a line: ``tokens`` and ``ner_tags`` lists (a Hugging Face dataset's to_json)."""
     out = []
     for number, row in _jsonl(path):
-        tokens, tags = _field(row, "tokens", path, number), _field(row, "ner_tags", path, number)
+        where = f"{path}:{number}"
+        tokens = _typed(_field(row, "tokens", path, number), where, "tokens", "a list of strings", _strings)
+        tags = _typed(_field(row, "ner_tags", path, number), where, "ner_tags", "a list of labels (strings or ids)",
+                      lambda v: isinstance(v, list) and all(_is_label(t) for t in v))  # fmt: skip
         if len(tokens) != len(tags):
-            raise ConfigError(f"{path}:{number}", "ner_tags", f"{len(tags)} labels for {len(tokens)} tokens")
-        tags = [_named(tag, task, f"{path}:{number}", "ner_tags", required=True) for tag in tags]
-        out.append(Sentence([str(t) for t in tokens], tags, f"{path}:{number}"))
+            raise ConfigError(where, "ner_tags", f"{len(tags)} labels for {len(tokens)} tokens")
+        out.append(Sentence(tokens, [_named(tag, task, where, "ner_tags", required=True) for tag in tags], where))
     return out
 
 
 def _named(label, task: TaskEntry, where: str, name: str, required: bool = False) -> str:
     """A label as the scores see it: integer ids become their ``label_names``. NER ids must have names
     (seqeval reads entity types from the B-/I- names); a class id may stand for itself."""
-    if isinstance(label, bool) or not isinstance(label, int) or not (task.label_names or required):
+    if not _is_label(label):
+        raise ConfigError(where, name, f"{label!r} is not a label: a string or an integer id")
+    if isinstance(label, str):
+        return _label(label, where, name)
+    if not (task.label_names or required):
         return str(label)
     if not task.label_names:
         raise ConfigError(where, name, f"integer label {label}: give the names of the ids as label_names, "
@@ -261,11 +292,12 @@ def read_jsonl_pairs(path: Path, task: TaskEntry, fields=None) -> list[Pair]:
     text, pair, label = fields or (task.text_field, task.text_pair_field, task.label_field)
     out = []
     for number, row in _jsonl(path):
+        where = f"{path}:{number}"
         out.append(Pair(
-            str(_field(row, text, path, number)),
-            str(_field(row, pair, path, number)) if pair else None,
-            _named(_field(row, label, path, number), task, f"{path}:{number}", label),
-            f"{path}:{number}",
+            _typed(_field(row, text, path, number), where, text, "a string", _is_str),
+            _typed(_field(row, pair, path, number), where, pair, "a string", _is_str) if pair else None,
+            _named(_field(row, label, path, number), task, where, label),
+            where,
         ))  # fmt: skip
     return out
 
@@ -278,7 +310,7 @@ def read_mednli(path: Path, task: TaskEntry) -> list[Pair]:
 def read_table(path: Path, task: TaskEntry) -> list[Pair]:
     """csv or tsv with a header row naming the text (and text_pair) and label columns."""
     delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=TEXT, newline="") as f:
         rows = csv.reader(f, delimiter=delimiter)
         header = next(rows, None)
         if header is None:
@@ -295,7 +327,8 @@ def read_table(path: Path, task: TaskEntry) -> list[Pair]:
             if len(row) != len(header):
                 raise ConfigError(f"{path}:{number}", "columns", f"{len(row)} columns, the header has {len(header)}")
             pair = row[index[task.text_pair_field]] if task.text_pair_field else None
-            out.append(Pair(row[index[task.text_field]], pair, row[index[task.label_field]], f"{path}:{number}"))
+            where, label = f"{path}:{number}", row[index[task.label_field]]
+            out.append(Pair(row[index[task.text_field]], pair, _label(label, where, task.label_field), where))
     return out
 
 
@@ -303,7 +336,7 @@ def read_biobert_re(path: Path, task: TaskEntry) -> list[Pair]:
     """BioBERT's RE TSVs: sentence<TAB>label, entities masked (@GENE$, @DISEASE$, @CHEMICAL$, @DRUG$);
     test files carry an index column and a header line (index, sentence, label)."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=TEXT) as f:
         lines = f.read().splitlines()
     header = lines[0].split("\t") if lines else []
     indexed = [h.strip().lower() for h in header] == ["index", "sentence", "label"]
@@ -315,7 +348,7 @@ def read_biobert_re(path: Path, task: TaskEntry) -> list[Pair]:
         if len(cols) != want:
             shape = "index<TAB>sentence<TAB>label" if indexed else "sentence<TAB>label"
             raise ConfigError(f"{path}:{number}", "columns", f"{len(cols)} column(s), expected {shape}")
-        out.append(Pair(cols[-2], None, cols[-1], f"{path}:{number}"))
+        out.append(Pair(cols[-2], None, _label(cols[-1], f"{path}:{number}", "label"), f"{path}:{number}"))
     return out
 
 
@@ -324,30 +357,29 @@ def read_biobert_re(path: Path, task: TaskEntry) -> list[Pair]:
 
 def read_squad(path: Path, task: TaskEntry) -> list[Question]:
     """SQuAD v1.1 JSON (data -> paragraphs -> context, qas), as BioASQ's factoid sets are distributed for
-    training. Every answer_start must point at its answer text in the context."""
+    training. Every level is checked for its type, and every answer_start must point at its answer text in
+    the context."""
     doc = _json(path)
     out = []
-    for a, article in enumerate(_field(doc, "data", path, None)):
-        for p, paragraph in enumerate(article.get("paragraphs", [])):
-            context = _field(paragraph, "context", path, None)
-            for q, qa in enumerate(paragraph.get("qas", [])):
-                qid = str(_field(qa, "id", path, None))
+    for a, article in enumerate(_list(doc, "data", str(path))):
+        for p, paragraph in enumerate(_list(article, "paragraphs", f"{path}: data[{a}]", required=False)):
+            at = f"{path}: data[{a}].paragraphs[{p}]"
+            context = _typed(_field(paragraph, "context", at, None), at, "context", "a string", _is_str)
+            for q, qa in enumerate(_list(paragraph, "qas", at, required=False)):
+                where = f"{at}.qas[{q}]"
+                qid = _typed(_field(qa, "id", where, None), where, "id", "a string or an integer", _is_label)
+                question = _typed(_field(qa, "question", where, None), where, "question", "a string", _is_str)
                 answers = []
-                for j, answer in enumerate(qa.get("answers", [])):
-                    text, start = answer.get("text"), answer.get("answer_start")
-                    if (
-                        not isinstance(text, str)
-                        or not isinstance(start, int)
-                        or context[start : start + len(text)] != text
-                    ):
-                        found = context[start : start + len(text)] if isinstance(start, int) and isinstance(text, str) else None  # fmt: skip
+                for j, answer in enumerate(_list(qa, "answers", where, required=False)):
+                    text, start = (answer.get("text"), answer.get("answer_start")) if isinstance(answer, dict) else (None, None)  # fmt: skip
+                    if not _is_str(text) or not _is_label(start) or isinstance(start, str) or context[start : start + len(text)] != text:  # fmt: skip
+                        found = context[start : start + len(text)] if _is_str(text) and type(start) is int else None
                         raise ConfigError(
                             f"{path}: question {qid}", f"answers[{j}].answer_start",
                             f"{start!r} does not point at the answer {text!r} in its context (it reads {found!r})",
                         )  # fmt: skip
                     answers.append((text, start))
-                where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}]"
-                out.append(Question(qid, str(_field(qa, "question", path, None)), context, answers, where))
+                out.append(Question(str(qid), question, context, answers, where))
     return out
 
 
@@ -358,16 +390,32 @@ def read_bioasq_gold(path: Path, key: str) -> dict[str, list[list[str]]]:
         raise ConfigError(str(path), key, "not found")
     doc = _json(path)
     gold = {}
-    for i, q in enumerate(_field(doc, "questions", path, None)):
+    for i, q in enumerate(_list(doc, "questions", str(path))):
+        where = f"{path}: questions[{i}]"
+        if not isinstance(q, dict):
+            raise ConfigError(where, "question", f"expected an object, got {type(q).__name__}")
         if q.get("type", "factoid") != "factoid":
             continue
+        qid = _typed(_field(q, "id", where, None), where, "id", "a string", _is_str)
         exact = q.get("exact_answer")
         if exact is None:
-            raise ConfigError(f"{path}: questions[{i}]", "exact_answer", "missing")
+            raise ConfigError(f"{where} ({qid})", "exact_answer", "missing")
         if isinstance(exact, str):
             exact = [[exact]]
-        gold[str(q["id"])] = [[a] if isinstance(a, str) else [str(x) for x in a] for a in exact]
+        _typed(exact, f"{where} ({qid})", "exact_answer", "a list of synonym lists of strings", _synonym_lists)
+        gold[qid] = [[a] if isinstance(a, str) else list(a) for a in exact]
+    if not gold:
+        raise ConfigError(str(path), key, "no factoid question with an exact_answer: nothing to score the test set on")
     return gold
+
+
+def _check_gold(test: list[Question], gold: dict[str, list[list[str]]], path: str, key: str) -> None:
+    """The golden file must be the test set's: scored against another batch's, every question would be 0."""
+    asked = {bioasq_id(q.id) for q in test}
+    if not asked & set(gold):
+        example = next(iter(sorted(asked)), "")
+        raise ConfigError(path, key, f"holds none of the test set's {len(asked)} question ids (e.g. {example!r}): "
+                          "is it the golden file of another batch?")  # fmt: skip
 
 
 def bioasq_id(squad_id: str) -> str:
@@ -379,7 +427,7 @@ def bioasq_id(squad_id: str) -> str:
 
 
 def _jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=TEXT) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -394,12 +442,51 @@ def _jsonl(path: Path):
 
 def _json(path: Path):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding=TEXT))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}", "json", f"not valid JSON: {e.msg}") from None
 
 
-def _field(row: dict, name: str, path: Path, line: Optional[int]):
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _synonym_lists(value) -> bool:
+    return isinstance(value, list) and all(_is_str(a) or _strings(a) for a in value)
+
+
+def _is_label(value) -> bool:
+    """A label in JSON: a string, or an integer id (not a bool, which JSON's true would pass as 1)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _label(text: str, where: str, name: str) -> str:
+    """Labels are names: surrounding whitespace ('O ' from a trailing space) is not a new class."""
+    label = text.strip()
+    if not label:
+        raise ConfigError(where, name, "an empty label")
+    return label
+
+
+def _typed(value, where: str, name: str, expected: str, ok):
+    if not ok(value):
+        raise ConfigError(where, name, f"expected {expected}, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _list(row, name: str, where: str, required: bool = True) -> list:
+    """``row[name]`` as a list (``[]`` when absent and not ``required``), or an error naming where it is."""
+    if not required and isinstance(row, dict) and name not in row:
+        return []
+    value = _field(row, name, where, None)
+    return _typed(value, where, name, "a list", lambda v: isinstance(v, list))
+
+
+def _field(row: dict, name: str, path, line: Optional[int]):
     if not isinstance(row, dict) or name not in row:
         where = f"{path}:{line}" if line else str(path)
         have = ", ".join(row) if isinstance(row, dict) else type(row).__name__

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
 
-from ..config import ConfigError, Recipe, model_location
+from ..config import ConfigError, Recipe
 from ..runtime import hub
 from . import minialbert
 from .outputs import Needs, attn_implementation, has_mlm_head, num_layers, position_limit
@@ -30,7 +30,7 @@ def load_config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
     """The config of ``path``: the checkpoint's own, or, when it cannot be fetched (offline), the
     published shape from :mod:`~biodistill.engine.models.published`. Planning needs no weights."""
     try:
-        return minialbert.resolve_config(AutoConfig.from_pretrained(model_location(path)))
+        return minialbert.resolve_config(AutoConfig.from_pretrained(hub.location(path)))
     except (OSError, ValueError) as e:
         published = published_config(path)
         if published is None:
@@ -184,7 +184,7 @@ def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Mod
     if implementation := attn_implementation(needs, kwargs["config"]):
         kwargs["attn_implementation"] = implementation
     try:
-        model = cls.from_pretrained(model_location(recipe.student.path), **kwargs)
+        model = cls.from_pretrained(hub.location(recipe.student.path), **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(recipe.source, "student.path", hub.load_error(recipe.student.path, e)) from None
     return model

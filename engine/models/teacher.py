@@ -18,7 +18,7 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from ..config import ConfigError, Recipe, model_location, resolve_precision
+from ..config import ConfigError, Recipe, resolve_precision
 from ..runtime import hub
 from ..runtime.distributed import bf16_supported
 from .outputs import Needs, attn_implementation, mlm_head
@@ -44,7 +44,7 @@ def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
 
 def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn.Module:
     """Load ``teacher.path``; with a masked-LM head only when a loss term needs logits."""
-    location = model_location(recipe.teacher.path)
+    location = hub.location(recipe.teacher.path)
     kwargs = {"dtype": teacher_dtype(recipe, device)}
     cls = AutoModelForMaskedLM if needs.logits else AutoModel
     try:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from ..config import ConfigError, Recipe, load_deepspeed_json
+from ..config import ConfigError, Recipe, load_deepspeed_json, resolve_path
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,92 @@ def deepspeed_config(recipe: Recipe, world: int, hidden_size: Optional[int] = No
         "csv_monitor": {"enabled": ds.csv, "output_path": monitor_dir, "job_name": "csv"},
     }
     return cfg
+
+
+# A user's JSON key, the recipe key whose value it replaces, and that value in the recipe.
+_JSON_SETS = (
+    ("train_micro_batch_size_per_gpu", "train.micro_batch_size", lambda r, world: r.train.micro_batch_size),
+    ("gradient_accumulation_steps", "train.grad_accum", lambda r, world: grad_accum(r, world)),
+    ("train_batch_size", "train.global_batch_size", lambda r, world: r.train.global_batch_size),
+    ("zero_optimization.stage", "deepspeed.zero_stage", lambda r, world: r.deepspeed.zero_stage),
+    ("gradient_clipping", "train.grad_clip", lambda r, world: r.train.grad_clip),
+    ("optimizer.params.lr", "optim.lr", lambda r, world: r.optim.lr),
+)
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def launch_world() -> int:
+    """The job's world size before any process group: what the launcher (deepspeed, torchrun, mpirun,
+    srun) put in the environment, or 1 for a plain process."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def check_deepspeed_json(recipe: Recipe, world: int, hidden: int) -> list[str]:
+    """A user's ``--deepspeed_config`` against DeepSpeed's batch arithmetic and against the recipe, before the
+    process group: DeepSpeed would otherwise fail its batch assertion on rank 0 after every rank had started.
+    A command-line flag that the JSON contradicts is an error naming both (DeepSpeed trains with the JSON's
+    value, so the flag would be silently ignored); a recipe-file value it replaces comes back as a note."""
+    if not recipe.deepspeed.config:
+        return []
+    path = str(resolve_path(recipe.deepspeed.config))
+    filled = deepspeed_config(recipe, world, hidden)  # the JSON with every "auto" resolved from the recipe
+    batch = dict(zip(_BATCH_KEYS, _deepspeed_batch(path, *(filled.get(k) for k in _BATCH_KEYS), world)))
+    notes = []
+    for json_key, recipe_key, ours in _JSON_SETS:
+        theirs = batch[json_key] if json_key in batch else _dotted_get(filled, json_key)
+        if theirs is None or theirs == ours(recipe, world) or (recipe_key == "train.global_batch_size" and not recipe.train.global_batch_size):  # fmt: skip
+            continue  # absent, agreeing, or a global batch that follows from the other two
+        flag = next((k for k in (recipe_key, "train.global_batch_size") if k in recipe.flags), None)
+        if flag and (flag == recipe_key or json_key == "gradient_accumulation_steps"):
+            raise ConfigError(
+                recipe.flags[flag], flag,
+                f"{_dotted_attr(recipe, flag)!r}, but {path} makes DeepSpeed train with {json_key} {theirs!r}: drop "
+                f"the flag, or change {json_key} in the JSON (\"auto\" takes the recipe's value)",
+            )  # fmt: skip
+        notes.append(f"{path} sets {json_key} {theirs!r}, over the recipe's {recipe_key} {ours(recipe, world)!r}")
+    return notes
+
+
+def _deepspeed_batch(path: str, tb, mb, ga, world: int) -> tuple[int, int, int]:
+    """(train_batch_size, micro-batch, accumulation) as DeepSpeed derives them (runtime/config.py): any two
+    give the third, one alone means accumulation 1; the three must agree with the world size."""
+    for key, value in zip(_BATCH_KEYS, (tb, mb, ga)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(path, key, f"must be a positive integer, got {value!r}")
+    if tb is None and mb is None:
+        raise ConfigError(path, "train_batch_size", "give train_batch_size or train_micro_batch_size_per_gpu")
+    if tb is None:
+        ga = ga or 1
+        return mb * ga * world, mb, ga
+    if mb is not None and ga is not None:
+        if tb != mb * ga * world:
+            raise ConfigError(path, "train_batch_size", f"{tb} is not train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size = {mb} x {ga} x {world} = {mb * ga * world}")  # fmt: skip
+        return tb, mb, ga
+    given, size = (
+        ("train_micro_batch_size_per_gpu", mb) if mb else ("gradient_accumulation_steps", ga) if ga else ("1", 1)
+    )
+    if tb % (size * world):
+        raise ConfigError(
+            path, "train_batch_size", f"{tb} is not a multiple of {given} x world size = {size} x {world}"
+        )
+    other = tb // (size * world)
+    return (tb, mb, other) if mb else (tb, other, ga) if ga else (tb, other, 1)
+
+
+def _dotted_attr(recipe: Recipe, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def _dotted_get(node: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def grad_accum(recipe: Recipe, world: int) -> int:

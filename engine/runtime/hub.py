@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 
-from ..config import is_local
+from ..config import is_local, model_location
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -61,6 +61,16 @@ def decide(timeout: float = PROBE_TIMEOUT) -> bool:
     thread.join(timeout)
     online = reached[0] is None and not thread.is_alive()
     return _settle(online, "the hub answered" if online else reached[0])
+
+
+def location(path: str) -> str:
+    """Where a loader finds ``path`` (config.model_location), deciding first, once per process, whether the hub
+    can be reached when ``path`` is a hub name. The command lines decide at start; this makes the library path
+    (a notebook planning recipes with load_recipe and students.student_config) as fast on an offline node,
+    instead of paying the hub client's retries for every name."""
+    if not is_local(path):
+        decide()
+    return model_location(path)
 
 
 def _settle(online: bool, why: str) -> bool:
