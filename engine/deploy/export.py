@@ -30,11 +30,14 @@ under a temporary name and renamed whole: an export is either complete or absent
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import os
 import platform
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -148,12 +151,34 @@ def export(path: str, out: str | Path, int8: bool = True, fuse: bool = True, ato
     except ImportError as e:
         raise ConfigError(path, key, f"exporting needs onnx and onnxruntime ({e.name} is missing): pip install "
                           "'biodistill[deploy]'") from None  # fmt: skip
+    with _quiet():
+        return _export(path, Path(out), int8, fuse, atol, key)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The libraries' notes at every export, none of which a user can act on: torch.onnx's missing torchvision
+    ops and axis renames, pytree deprecations, the quantizer's advice to pre-process image models."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "root", "")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _export(path: str, out: Path, int8: bool, fuse: bool, atol: float, key: str) -> Exported:
     from ...kernels.ops import kernel_mode
 
     model, head, outputs, tokenizer = task_model(path, key)
     names = input_names(model, tokenizer)
     sample = tokenizer(SAMPLE, padding=True, return_tensors="pt")
-    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..config import ConfigError, model_location
 from ..models import minialbert
 from ..runtime import hub
 from . import metrics
-from .suite import Protocol
+from .suite import Deploy, Protocol
 from .tasks import TaskData, bioasq_id
 
 _HEADS = {
@@ -243,9 +244,10 @@ def qa_candidates(questions, owners, offsets, start_logits, end_logits) -> dict[
 
 
 def run_cell(cell: Cell, model_path: str, model_key: str, adapters_only: bool, task: TaskData,
-             protocol: Protocol, out: Path, log) -> tuple[dict, torch.nn.Module]:  # fmt: skip
+             protocol: Protocol, out: Path, log, deploy: Deploy | None = None) -> tuple[dict, torch.nn.Module]:  # fmt: skip
     """Train, predict, score; writes predictions into ``out``; returns the cell's metrics and the fine-tuned
-    model (which the grid does not keep: a cell's record is its scores and predictions)."""
+    model (which the grid does not keep: a cell's record is its scores and predictions). With ``deploy``
+    enabled, the model is exported to ONNX Runtime and the test split scored again in fp32 and int8."""
     started = time.perf_counter()
     tokenizer = load_tokenizer(model_path, model_key)
     torch.manual_seed(cell.seed)  # the new head's init
@@ -294,8 +296,53 @@ def run_cell(cell: Cell, model_path: str, model_key: str, adapters_only: bool, t
             submission = {"questions": [{"id": r["id"], "type": "factoid", "exact_answer": [[c] for c in r["candidates"]],
                                          "ideal_answer": ""} for r in rows]}  # fmt: skip
             (out / "bioasq_submission.json").write_text(json.dumps(submission, indent=1))
+    if deploy is not None and deploy.enabled():
+        result |= deployed_scores(model, tokenizer, task, splits["test"], extra.get("test"), collator, deploy.int8, out)
     result["seconds"] = time.perf_counter() - started
     return result, model
+
+
+def deployed_scores(model, tokenizer, task: TaskData, test, extra, collator, int8: bool, out: Path) -> dict:
+    """The test split scored through ONNX Runtime, fp32 and int8, from this cell's fine-tuned model exported
+    as biodistill-export would (then deleted: the cell keeps its scores, not its models)."""
+    from types import SimpleNamespace
+
+    from ..deploy.export import export, session
+
+    source, target = out / "deploy-model", out / "deploy-onnx"
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    try:
+        exported = export(str(source), target, int8=int8)
+        names = exported.report["inputs"]
+        scores = {}
+        for label, path in (("onnx", exported.fp32), ("int8", exported.int8)):
+            if path is None:
+                continue
+            runner = session(path)
+            outputs = [[] for _ in exported.report["outputs"]]
+            for start in range(0, len(test), 64):
+                batch = collator([test[i] for i in range(start, min(start + 64, len(test)))])
+                ids = batch["input_ids"].numpy()  # features without token_type_ids mean zeros, as in PyTorch
+                feed = {n: batch[n].numpy() if n in batch else np.zeros_like(ids) for n in names}
+                for kept, got in zip(outputs, runner.run(None, feed)):
+                    kept.append(got)
+            joined = [_concat(parts) for parts in outputs]
+            prediction = SimpleNamespace(predictions=tuple(joined) if len(joined) > 1 else joined[0])
+            scores[f"test_{label}"], _ = _score(task, "test", prediction, extra)
+        scores["deploy"] = {k: exported.report[k] for k in ("fp32_max_abs_diff", "int8") if k in exported.report}
+        return scores
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Batches of outputs stacked; per-token logits ([B, T, C], T the batch's longest) padded to one T first."""
+    if parts[0].ndim < 3:
+        return np.concatenate(parts)
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, [(0, 0), (0, width - p.shape[1]), (0, 0)]) for p in parts])
 
 
 def _score(task: TaskData, split: str, prediction, extra) -> tuple[dict, list[dict]]:

@@ -196,7 +196,7 @@ def _run_one(suite: Suite, cell: Cell, path: str, key: str, adapters_only: bool,
             log.write(line + "\n")
             log.flush()
 
-        result, _ = run_cell(cell, path, key, adapters_only, task, suite.protocol, out, write)
+        result, _ = run_cell(cell, path, key, adapters_only, task, suite.protocol, out, write, suite.deploy)
     shutil.rmtree(out / "trainer", ignore_errors=True)  # the Trainer's scratch directory: nothing kept there
     _write_json(out / "metrics.json", result)  # the cell is finished from this instant
 
@@ -225,6 +225,18 @@ def _spawn(suite: Suite, overrides: list[str], n: int) -> None:
 # ------------------------------------------------------------------------------------ aggregation
 
 
+def _deployed(runs: list[dict], metric: str) -> dict:
+    """The test score through ONNX Runtime fp32 and int8 over the same seeds, where every run has it (cells
+    finished before deploy was turned on have not)."""
+    out = {}
+    for label in ("onnx", "int8"):
+        if all(f"test_{label}" in r for r in runs):
+            values = [r[f"test_{label}"][metric] for r in runs]
+            out[f"{label}_mean"] = statistics.mean(values)
+            out[f"{label}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
 def aggregate(suite: Suite) -> dict:
     """Per (model, task): the best (lr, batch size) by mean dev score over seeds, and at it the test scores,
     mean and standard deviation over seeds, with every cell's figures."""
@@ -251,6 +263,7 @@ def aggregate(suite: Suite) -> dict:
                 "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
                 "truncated": runs[0]["truncated"],
                 "test_runs": [r["test"] for r in runs],
+                **_deployed(runs, metric),
                 "trainable_parameters": runs[0]["trainable_parameters"],
             }
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,17 +61,58 @@ def throughput(model: torch.nn.Module, device: str, length: int, batch: int, sec
     ids = torch.randint(1000, 2000, (batch, length), device=device)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
-        for _ in range(2):
-            model(input_ids=ids, attention_mask=mask)
-        _sync(device)
-        times, start = [], time.perf_counter()
-        while len(times) < MIN_FORWARDS or time.perf_counter() - start < seconds:
-            began = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask)
-            _sync(device)
-            times.append(time.perf_counter() - began)
+        return _timed(lambda: model(input_ids=ids, attention_mask=mask), batch, seconds, lambda: _sync(device))
+
+
+def _timed(forward, batch: int, seconds: float, sync=lambda: None) -> tuple[float, float]:
+    """(sequences/s of the median forward, half the interquartile range relative to it): two warm-up forwards,
+    then at least MIN_FORWARDS and ``seconds`` of timed ones."""
+    for _ in range(2):
+        forward()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < MIN_FORWARDS or time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        forward()
+        sync()
+        times.append(time.perf_counter() - began)
     q1, median, q3 = statistics.quantiles(times, n=4)
     return batch / median, (q3 - q1) / 2 / median
+
+
+def deployment(path: str, t, work: Path) -> dict:
+    """What the model costs deployed on this CPU: its task model (encoder + a token-classification head, the
+    NER case; a head's cost is negligible) in PyTorch fp32, ONNX Runtime fp32 (fused) and ORT int8, sequences/s
+    at ``t.length`` tokens for each batch size, on as many threads as PyTorch uses, and each one's size."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from ..deploy.export import export, session
+
+    location = hub.location(path)
+    config = minialbert.resolve_config(AutoConfig.from_pretrained(location))
+    config.num_labels = 5
+    source = work / "task-model"
+    model = AutoModelForTokenClassification.from_pretrained(location, config=config).eval()
+    model.save_pretrained(source)
+    AutoTokenizer.from_pretrained(location).save_pretrained(source)
+    exported = export(str(source), work / "onnx")
+    names, threads = exported.report["inputs"], torch.get_num_threads()
+    entry = {"bytes_pytorch": exported.report["bytes"]["pytorch"], "bytes_onnx": exported.report["bytes"]["onnx_fp32"],
+             "bytes_int8": exported.report["bytes"]["onnx_int8"], "int8_scheme": exported.report["int8"]}  # fmt: skip
+    for bs in t.batch_sizes:
+        ids = torch.randint(1000, 2000, (bs, t.length))
+        feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        feeds = {n: feeds[n] for n in names}
+        with torch.inference_mode():
+            entry[f"pt_seq_per_s_bs{bs}"], entry[f"pt_spread_bs{bs}"] = _timed(
+                lambda f=feeds: model(**f), bs, t.seconds
+            )
+        numpy_feeds = {n: v.numpy() for n, v in feeds.items()}
+        for label, onnx_path in (("ort", exported.fp32), ("int8", exported.int8)):
+            runner = session(onnx_path, threads)
+            rate, spread = _timed(lambda r=runner, f=numpy_feeds: r.run(None, f), bs, t.seconds)
+            entry[f"{label}_seq_per_s_bs{bs}"], entry[f"{label}_spread_bs{bs}"] = rate, spread
+    return entry
 
 
 def _sync(device: str) -> None:
@@ -97,6 +139,9 @@ def costs(suite: Suite, paths: dict[str, str], prints: dict[str, str | None]) ->
                 encoder, "cpu", t.length, bs, t.seconds
             )
         entry["cpu_threads"] = torch.get_num_threads()
+        if suite.deploy.enabled():
+            with tempfile.TemporaryDirectory(dir=suite.output_dir) as work:
+                entry["deploy"] = deployment(paths[m.name], t, Path(work))
         if torch.cuda.is_available():  # after the CPU figures: it moves the encoder to the GPU in half precision
             for bs in t.batch_sizes:
                 entry[f"gpu_seq_per_s_bs{bs}"], entry[f"gpu_spread_bs{bs}"] = throughput(
@@ -134,7 +179,10 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
         row = [name, f"{m['parameters'] / 1e6:.2f}M / {m['trainable'] / 1e6:.2f}M", _size(m["bytes_on_disk"])]
         for t in suite.tasks:
             r = m["tasks"].get(t.name)
-            row.append(f"{100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f}" if r else "-")
+            score = f"{100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f}" if r else "-"
+            if r and "int8_mean" in r:
+                score += f" (int8 {100 * r['int8_mean']:.1f} ± {100 * r['int8_std']:.1f})"
+            row.append(score)
         row += [_rate(m, "cpu", b, ".1f") for b in bs]
         row += [_rate(m, "gpu", b, ".0f") for b in bs] if gpu else []
         lines.append("| " + " | ".join(row) + " |")
@@ -159,7 +207,32 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
         lines.append(
             f"Inputs longer than max_length {p.max_length} (cut, or QA contexts read in windows): {'; '.join(notes)}."
         )
+    if any("deploy" in m for m in doc["models"].values()):
+        lines += ["", *deployment_table(suite, doc)]
     return "\n".join(lines) + "\n"
+
+
+def deployment_table(suite: Suite, doc: dict) -> list[str]:
+    """Each model deployed on this CPU: PyTorch fp32 against ONNX Runtime fp32 and int8, and the sizes."""
+    bs = suite.throughput.batch_sizes
+    head = ["model"] + [f"{runtime} seq/s bs{b}" for b in bs for runtime in ("PyTorch fp32", "ORT fp32", "ORT int8")]
+    head += ["int8 / PyTorch", "size: PyTorch / ONNX / int8"]
+    lines = ["Deployed (the fine-tuned task model on this CPU):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for name, m in doc["models"].items():
+        d = m.get("deploy")
+        if not d:
+            continue
+        row = [name] + [_rate(d, runtime, b, ".1f") for b in bs for runtime in ("pt", "ort", "int8")]
+        row.append(" / ".join(f"{d[f'int8_seq_per_s_bs{b}'] / d[f'pt_seq_per_s_bs{b}']:.2f}x" for b in bs))
+        row.append(f"{_size(d['bytes_pytorch'])} / {_size(d['bytes_onnx'])} / {_size(d['bytes_int8'])}")
+        lines.append("| " + " | ".join(row) + " |")
+    scheme = next(m["deploy"]["int8_scheme"] for m in doc["models"].values() if "deploy" in m)
+    lines += ["", f"{suite.throughput.length} tokens, {torch.get_num_threads()} threads for every runtime. ORT fp32: the "
+              "dynamo ONNX export with ONNX Runtime's fused attention, skip-LayerNorm and GELU; int8: dynamic "
+              f"quantisation, {scheme['weights']} weights and {scheme['activations']} activations "
+              f"(reduce_range {scheme['reduce_range']}). The int8 score beside each PyTorch score above is the same "
+              "seeds' fine-tuned models, exported and scored through ONNX Runtime int8 (biodistill-export)."]  # fmt: skip
+    return lines
 
 
 def _rate(m: dict, device: str, batch: int, fmt: str) -> str:
@@ -179,7 +252,9 @@ def plot(suite: Suite, doc: dict, path: Path) -> None:
     matplotlib.use("Agg")  # no display: a file only
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    deployed = any("deploy" in m for m in doc["models"].values())
+    fig, axes = plt.subplots(1, 2 if deployed else 1, figsize=(11.5 if deployed else 6.5, 4.2), squeeze=False)
+    ax = axes[0][0]
     offsets = _offsets({name: m["parameters"] / 1e6 for name, m in doc["models"].items()})
     for t in suite.tasks:
         xs, ys, es, names = [], [], [], []
@@ -196,17 +271,37 @@ def plot(suite: Suite, doc: dict, path: Path) -> None:
                 side = -1 if offsets[n] < 0 else 1
                 ax.annotate(n, (x, y), textcoords="offset points", xytext=(5 * side, 4 * side), fontsize=8,
                             ha="left" if side > 0 else "right", va="bottom" if side > 0 else "top")  # fmt: skip
-    ax.margins(x=0.18)  # room for the outer labels
+    ax.margins(x=0.3)  # room for the outer labels
     ax.set_xlabel("parameters (millions; models of one size side by side)")
     ax.set_ylabel("test score x100 (mean ± std over seeds)")
     ax.set_title(f"{suite.name}: score against size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if deployed:
+        _int8_panel(suite, doc, axes[0][1])
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _int8_panel(suite: Suite, doc: dict, ax) -> None:
+    """Score (int8, through ONNX Runtime) against int8 sequences/s at the first batch size: what a deployment buys."""
+    bs = suite.throughput.batch_sizes[0]
+    for t in suite.tasks:
+        points = [(m["deploy"][f"int8_seq_per_s_bs{bs}"], 100 * r["int8_mean"], 100 * r["int8_std"], name)
+                  for name, m in doc["models"].items() if "deploy" in m and (r := m["tasks"].get(t.name)) and "int8_mean" in r]  # fmt: skip
+        if points:
+            xs, ys, es, names = zip(*points)
+            ax.errorbar(xs, ys, yerr=es, fmt="s", capsize=3, label=f"{t.name} ({suite.metric(t)})")
+            for x, y, n in zip(xs, ys, names):
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"ONNX Runtime int8 sequences/s (batch {bs}, {suite.throughput.length} tokens)")
+    ax.set_ylabel("int8 test score x100")
+    ax.set_title("deployed: score against speed")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.18)
 
 
 def _offsets(sizes: dict[str, float]) -> dict[str, float]:

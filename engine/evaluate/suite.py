@@ -86,6 +86,21 @@ class Throughput:
 
 
 @dataclass
+class Deploy:
+    """The fine-tuned models as they would be deployed (biodistill.engine.deploy): every cell's model is exported
+    to ONNX Runtime and its test split scored again in fp32 and int8; each model's ORT throughput and size on
+    disk join the costs. "auto": on where there is no GPU (CPU serving is what ORT int8 is for)."""
+
+    onnx: bool | Literal["auto"] = "auto"
+    int8: bool = True  # with onnx: the int8 model too (made from the ONNX export)
+
+    def enabled(self) -> bool:
+        import torch
+
+        return self.onnx is True or (self.onnx == "auto" and not torch.cuda.is_available())
+
+
+@dataclass
 class Suite:
     name: str = "eval"
     output_dir: str = "runs/eval"
@@ -93,6 +108,7 @@ class Suite:
     tasks: list[TaskEntry] = field(default_factory=list)
     protocol: Protocol = field(default_factory=Protocol)
     throughput: Throughput = field(default_factory=Throughput)
+    deploy: Deploy = field(default_factory=Deploy)
     source: str = field(default="", metadata={"internal": True})
 
     def metric(self, task: TaskEntry) -> str:
