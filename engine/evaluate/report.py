@@ -61,10 +61,10 @@ def throughput(model: torch.nn.Module, device: str, length: int, batch: int, sec
     ids = torch.randint(1000, 2000, (batch, length), device=device)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
-        return _timed(lambda: model(input_ids=ids, attention_mask=mask), batch, seconds, lambda: _sync(device))
+        return timed(lambda: model(input_ids=ids, attention_mask=mask), batch, seconds, lambda: _sync(device))
 
 
-def _timed(forward, batch: int, seconds: float, sync=lambda: None) -> tuple[float, float]:
+def timed(forward, batch: int, seconds: float, sync=lambda: None) -> tuple[float, float]:
     """(sequences/s of the median forward, half the interquartile range relative to it): two warm-up forwards,
     then at least MIN_FORWARDS and ``seconds`` of timed ones."""
     for _ in range(2):
@@ -104,13 +104,11 @@ def deployment(path: str, t, work: Path) -> dict:
         feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
         feeds = {n: feeds[n] for n in names}
         with torch.inference_mode():
-            entry[f"pt_seq_per_s_bs{bs}"], entry[f"pt_spread_bs{bs}"] = _timed(
-                lambda f=feeds: model(**f), bs, t.seconds
-            )
+            entry[f"pt_seq_per_s_bs{bs}"], entry[f"pt_spread_bs{bs}"] = timed(lambda f=feeds: model(**f), bs, t.seconds)
         numpy_feeds = {n: v.numpy() for n, v in feeds.items()}
         for label, onnx_path in (("ort", exported.fp32), ("int8", exported.int8)):
             runner = session(onnx_path, threads)
-            rate, spread = _timed(lambda r=runner, f=numpy_feeds: r.run(None, f), bs, t.seconds)
+            rate, spread = timed(lambda r=runner, f=numpy_feeds: r.run(None, f), bs, t.seconds)
             entry[f"{label}_seq_per_s_bs{bs}"], entry[f"{label}_spread_bs{bs}"] = rate, spread
     return entry
 
@@ -127,7 +125,8 @@ def costs(suite: Suite, paths: dict[str, str], prints: dict[str, str | None]) ->
     t = suite.throughput
     for m in suite.models:
         cache = Path(suite.output_dir) / "costs" / f"{m.name}.json"
-        if cache.is_file() and (kept := json.loads(cache.read_text())).get("fingerprint") == prints[m.name]:
+        kept = json.loads(cache.read_text()) if cache.is_file() else {}
+        if kept.get("fingerprint") == prints[m.name] and ("deploy" in kept or not suite.deploy.enabled()):
             out[m.name] = kept
             continue
         encoder = _encoder(paths[m.name])
