@@ -1,6 +1,9 @@
 # The README's commands. Each one installs what it needs first (idempotent: seconds once installed).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+# Told, DeepSpeed does not warn in every process of a CPU run that it "was unable to detect" a GPU (a command
+# prefix, decided when a target runs: before make install there may be no torch to ask).
+DS_ACCELERATOR = DS_ACCELERATOR=$$($(PYTHON) -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 
 .PHONY: install constraints upgrade-check demo eval-demo test lint bench-deploy bench-overhead bench-data bench-placement bench-kernels gpu-check
 
@@ -27,16 +30,15 @@ demo: install
 	# The demo starts over each time: its own previous run goes first. A real job refuses to start over
 	# its checkpoints (pass --resume to continue them).
 	rm -rf runs/demo
-	# DS_ACCELERATOR and --log_level: without them every DeepSpeed process of a CPU run logs that it found no GPU,
-	# the launcher that it found no hostfile and which CUDA_VISIBLE_DEVICES it set. Errors still print.
-	DS_ACCELERATOR=$$($(PYTHON) -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")') \
-	  deepspeed --log_level error --num_gpus 2 launch/train.py --config configs/demo.yaml
+	# --log_level error: DeepSpeed's launcher logs at every start that it found no hostfile and which
+	# CUDA_VISIBLE_DEVICES it set. Errors still print.
+	$(DS_ACCELERATOR) deepspeed --log_level error --num_gpus 2 launch/train.py --config configs/demo.yaml
 
 eval-demo: install
 	# After make demo: fine-tune the demo's teacher, its student before distillation and the distilled student
 	# on the bundled NER and triage samples; print the table (runs/eval-demo/results.md). Reruns resume.
 	@test -d runs/demo/student || { echo "runs/demo/student is missing: run make demo first"; exit 1; }
-	$(PYTHON) -m biodistill.engine.evaluate --config configs/eval/demo.yaml
+	$(DS_ACCELERATOR) $(PYTHON) -m biodistill.engine.evaluate --config configs/eval/demo.yaml
 
 test: install
 	$(PYTHON) -m pytest
