@@ -130,17 +130,20 @@ def _split_files(task: TaskEntry, key: str) -> dict[str, Optional[Path]]:
     return out
 
 
+def _sentence(s: Sentence) -> tuple:
+    return tuple(s.words), tuple(s.labels)
+
+
 def _less_train(sentences: list[Sentence], train: list[Sentence]) -> list[Sentence]:
-    seen = {(tuple(s.words), tuple(s.labels)) for s in train}
-    return [s for s in sentences if (tuple(s.words), tuple(s.labels)) not in seen]
+    seen = set(map(_sentence, train))
+    return [s for s in sentences if _sentence(s) not in seen]
 
 
 def _agrees_with_train_dev(devel: Path, splits: dict[str, list], reader, task: TaskEntry) -> None:
     """devel.tsv is the dev split; say so when BioBERT's train_dev.tsv beside it, less train, holds other
     sentences (a folder mixing two releases), since the authors' script would have validated on those."""
     derived = _less_train(reader(devel.parent / TRAIN_DEV, task), splits["train"])
-    key = lambda s: (tuple(s.words), tuple(s.labels))  # noqa: E731
-    if sorted(map(key, derived)) != sorted(map(key, splits["dev"])):
+    if sorted(map(_sentence, derived)) != sorted(map(_sentence, splits["dev"])):
         print(f"[eval] note: {devel} is the dev split; {TRAIN_DEV} beside it, less train, holds {len(derived)} "
               f"sentences against its {len(splits['dev'])}: they disagree, and the authors' script reads the latter",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -372,7 +375,7 @@ def read_squad(path: Path, task: TaskEntry) -> list[Question]:
                 answers = []
                 for j, answer in enumerate(_list(qa, "answers", where, required=False)):
                     text, start = (answer.get("text"), answer.get("answer_start")) if isinstance(answer, dict) else (None, None)  # fmt: skip
-                    if not _is_str(text) or not _is_label(start) or isinstance(start, str) or context[start : start + len(text)] != text:  # fmt: skip
+                    if not _is_str(text) or type(start) is not int or context[start : start + len(text)] != text:
                         found = context[start : start + len(text)] if _is_str(text) and type(start) is int else None
                         raise ConfigError(
                             f"{path}: question {qid}", f"answers[{j}].answer_start",
