@@ -289,7 +289,7 @@ def _verify(model_path: Path, names, outputs, sample, reference, atol: float, pa
         got = _run(model_path, names, sample)
     except Exception as e:  # an operator ORT cannot run, a shape it refuses
         raise ConfigError(path, key, f"ONNX Runtime cannot run the exported model: {str(e).splitlines()[0][:300]}") from None  # fmt: skip
-    worst, where = 0.0, ""
+    worst, where = -1.0, ""
     for name, ours, theirs in zip(outputs, got, reference):
         diff = np.abs(ours - theirs)
         if diff.ndim >= 2 and diff.shape[:2] == tuple(sample["attention_mask"].shape):  # per-token outputs
