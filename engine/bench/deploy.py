@@ -31,7 +31,6 @@ def measure(path: str, work: Path, length: int, batches: list[int], seconds: flo
 
     location = model_location(path)
     config = minialbert.resolve_config(AutoConfig.from_pretrained(location))
-    config.num_labels = 5
     torch.manual_seed(0)
     model = AutoModelForTokenClassification.from_pretrained(location, config=config).eval()
     source = work / "task-model"

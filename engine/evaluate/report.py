@@ -90,7 +90,6 @@ def deployment(path: str, t, work: Path) -> dict:
 
     location = hub.location(path)
     config = minialbert.resolve_config(AutoConfig.from_pretrained(location))
-    config.num_labels = 5
     source = work / "task-model"
     model = AutoModelForTokenClassification.from_pretrained(location, config=config).eval()
     model.save_pretrained(source)
