@@ -10,6 +10,8 @@ The packages, one subsystem each::
     models/      encoder outputs, the teacher, student builders, MiniALBERT, published shapes, --smoke
     runtime/     process group, checkpoints, resume, reporting, health, skips, fault points, start-up checks
     bench/       the engine's benchmarks and make gpu-check
+    evaluate/    biodistill-evaluate: fine-tune on downstream tasks, scores against costs
+    deploy/      biodistill-export: ONNX Runtime fp32 / int8 models of a fine-tuned model, checked against PyTorch
     assets/      the bundled demo corpus
 
 The data flow of one job::
