@@ -22,20 +22,12 @@ import torch
 
 
 def measure(path: str, work: Path, length: int, batches: list[int], seconds: float) -> dict:
-    from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
-
-    from ..config import model_location
-    from ..deploy.export import export, session
+    from ..deploy.export import export, session, token_task_model
     from ..evaluate.report import timed
-    from ..models import minialbert
 
-    location = model_location(path)
-    config = minialbert.resolve_config(AutoConfig.from_pretrained(location))
     torch.manual_seed(0)
-    model = AutoModelForTokenClassification.from_pretrained(location, config=config).eval()
     source = work / "task-model"
-    model.save_pretrained(source)
-    AutoTokenizer.from_pretrained(location).save_pretrained(source)
+    model = token_task_model(path, source)
     plain, ours = export(str(source), work / "plain", fuse=False), export(str(source), work / "ours")
     names, threads = ours.report["inputs"], torch.get_num_threads()
     runtimes = {"onnx fp32 (plain)": plain.fp32, "onnx int8 (plain)": plain.int8,

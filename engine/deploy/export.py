@@ -112,6 +112,21 @@ def task_model(path: str, key: str = "model"):
     return model, suffix, outputs, tokenizer
 
 
+def token_task_model(path: str, target: Path) -> torch.nn.Module:
+    """``path``'s encoder with a token-classification head (its own, or a new one), saved with its tokenizer
+    into ``target``: the task model the cost measurements export and time (a head's cost is negligible)."""
+    import transformers
+
+    from ..runtime import hub
+
+    location = hub.location(path)
+    config = minialbert.resolve_config(transformers.AutoConfig.from_pretrained(location))
+    model = transformers.AutoModelForTokenClassification.from_pretrained(location, config=config).eval()
+    model.save_pretrained(target)
+    transformers.AutoTokenizer.from_pretrained(location).save_pretrained(target)
+    return model
+
+
 class _Logits(torch.nn.Module):
     """The task model as the ONNX graph sees it: named tensors in, the head's logits out (a tuple, not a
     ModelOutput)."""

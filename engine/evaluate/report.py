@@ -84,17 +84,10 @@ def deployment(path: str, t, work: Path) -> dict:
     """What the model costs deployed on this CPU: its task model (encoder + a token-classification head, the
     NER case; a head's cost is negligible) in PyTorch fp32, ONNX Runtime fp32 (fused) and ORT int8, sequences/s
     at ``t.length`` tokens for each batch size, on as many threads as PyTorch uses, and each one's size."""
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from ..deploy.export import export, session, token_task_model
 
-    from ..deploy.export import export, session
-
-    location = hub.location(path)
-    config = minialbert.resolve_config(AutoConfig.from_pretrained(location))
-    source = work / "task-model"
-    model = AutoModelForTokenClassification.from_pretrained(location, config=config).eval()
-    model.save_pretrained(source)
-    AutoTokenizer.from_pretrained(location).save_pretrained(source)
-    exported = export(str(source), work / "onnx")
+    model = token_task_model(path, work / "task-model")
+    exported = export(str(work / "task-model"), work / "onnx")
     names, threads = exported.report["inputs"], torch.get_num_threads()
     entry = {"bytes_pytorch": exported.report["bytes"]["pytorch"], "bytes_onnx": exported.report["bytes"]["onnx_fp32"],
              "bytes_int8": exported.report["bytes"]["onnx_int8"], "int8_scheme": exported.report["int8"]}  # fmt: skip
