@@ -79,7 +79,12 @@ class Health:
         self._exit(message)
 
     def stop(self) -> None:
+        """End the watchdog and wait for it: a daemon thread caught inside a store call while the process
+        group is destroyed and the interpreter exits aborts the process ("terminate called without an
+        active exception")."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.interval + 5.0)  # one beat; a dead store fails its call sooner
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._previous_sigterm)
 

@@ -52,6 +52,7 @@ def main() -> int:
             for call in calls:
                 by_owner.setdefault(syncs.owner(call), []).append(call)
             results[name]["syncs_in_train_step"], calls[:] = by_owner, []
+        trainer.health.stop()  # each setting's watchdog; the next Trainer starts its own
         for engine in (trainer.engine, trainer.teacher_engine):
             if engine is not None:
                 engine.destroy()  # its hooks and buffers, before the next setting builds its own
