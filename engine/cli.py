@@ -1,6 +1,8 @@
 """``deepspeed launch/train.py --config configs/<recipe>.yaml [--smoke] [--section.key value ...] [--resume [TAG]]``
 
-Parse, check, train, close. Anything after the known flags is a dotted override of the recipe.
+Parse, check, train, close. Anything after the known flags is a dotted override of the recipe. Exit codes:
+0 done; 2 a bad recipe, flag or file (the message names it); 75 preempted (SIGTERM or SIGUSR1): the same
+command with ``--resume`` continues from the checkpoint written on the way out; anything else a failure.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import warnings
 from typing import Optional
 
 from .config import ConfigError, Recipe, data_files, load_recipe
+from .runtime import preempt
 
 
 def parse_args(argv: list[str] | None = None):
@@ -74,6 +77,12 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before torch or DeepSpeed start a thread: SIGTERM and SIGUSR1 save the step reached and exit 75.
+    with preempt.installed() as preemption:
+        return run(argv, preemption)
+
+
+def run(argv: list[str] | None, preemption: preempt.Preemption) -> int:
     args, overrides = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks; HF tokenizers warn otherwise
     # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch 2.13 deprecates, once per rank per job:
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             from .models.smoke import smoke as transform
         recipe = load_recipe(args.config, overrides, deepspeed_config=args.deepspeed_config or "", transform=transform)
+        preemption.configure(recipe.train.output_dir, recipe.train.preempt_grace)
         from .runtime import faults
         from .runtime.health import JobError
         from .trainer import Trainer
@@ -105,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(recipe, resume=args.resume)
         try:
             trainer.fit()
+        except preempt.Preempted as stop:
+            said = preemption.summary(stop.tag, stop.step, stop.seconds)  # from the store, before close ends it
+            trainer.close()
+            if trainer.dist.is_main:
+                print(said, file=sys.stderr, flush=True)
+            return preempt.PREEMPTED
         except ConfigError:
             raise
         except Exception as e:

@@ -145,6 +145,9 @@ class TrainConfig:
     # naming the rank at fault. Covers the data-cache build's barrier too: raise it for a first run on a big corpus.
     collective_timeout: float = 1800.0
     max_consecutive_skips: int = 10  # micro-batches with a non-finite loss or teacher output skipped in a row: stop
+    # Seconds a signalled job (SIGTERM, SIGUSR1) has to reach the next step boundary and write its checkpoint
+    # before it exits without one (exit code 75 either way). Under Slurm's KillWait (30 s by default).
+    preempt_grace: float = 25.0
 
 
 @dataclass
@@ -465,6 +468,7 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
     check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
     check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
     check(t.collective_timeout > 0, "train.collective_timeout", f"must be > 0 seconds, got {t.collective_timeout}")
+    check(t.preempt_grace > 0, "train.preempt_grace", f"must be > 0 seconds, got {t.preempt_grace}")
     check(
         t.max_consecutive_skips >= 1,
         "train.max_consecutive_skips",

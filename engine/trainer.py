@@ -30,7 +30,7 @@ from .losses import DistillationModel, attention_maps_note, build_terms
 from .models.outputs import NOTHING, Needs, Outputs, encode, hidden_size
 from .models.students import build_student, student_config, teacher_config
 from .models.teacher import load_teacher, place_teacher, resident_bytes, seen_by_terms
-from .runtime import checkpoint, faults, hub, report
+from .runtime import checkpoint, faults, hub, preempt, report
 from .runtime.distributed import bf16_supported, deepspeed_config, init_distributed, release_shared_memory
 from .runtime.health import Health
 from .runtime.resume import Position, find_checkpoint, load_checkpoint, tag_to_load
@@ -55,9 +55,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class Trainer:
     def __init__(self, recipe: Recipe, resume: Optional[str] = None):
         self.dist = init_distributed(recipe.train.collective_timeout)
+        self.preemption = preempt.current()  # installed by the CLI: a signal saves and exits "resume me"
+        if self.preemption is not None:
+            self.preemption.attach(dist.distributed_c10d._get_default_store(), self.dist.rank)
         # "auto" precisions made concrete for this device: everything below, and the summary, sees those
         self.recipe = recipe = resolve_precision(recipe, self.dist.device.type, bf16_supported(self.dist.device))
         hub.agree()  # every rank loads the same way: offline if any rank cannot reach the hub
+        faults.hit("train.start", 0)  # every rank is past the process group's set-up (a collective just ran)
         self.out = Path(recipe.train.output_dir)
         self.checkpoints = self.out / "checkpoints"
         self.resume_point = find_checkpoint(recipe, resume, self.dist)  # before anything is built
@@ -272,6 +276,7 @@ class Trainer:
             total=r.train.max_steps, initial=pos.step, disable=not d.is_main, desc="distilling", dynamic_ncols=True
         )
         step_seconds = []
+        self._enter("train")
         while pos.step < r.train.max_steps:
             started = time.perf_counter()
             self.train_step(train_batches)
@@ -286,10 +291,15 @@ class Trainer:
                 self.window.zero_()
                 window_start = time.perf_counter()
             if r.train.eval_every and pos.step % r.train.eval_every == 0 and pos.step < r.train.max_steps:
-                self.report.write("eval", self.evaluate(), pos.step)
+                if (metrics := self.evaluate()) is not None:  # None: cut short by a preemption
+                    self.report.write("eval", metrics, pos.step)
             if r.train.save_every and pos.step % r.train.save_every == 0 and pos.step < r.train.max_steps:
                 self.save()
+            if self._stop_here(f"step/{pos.step}", boundary=True):
+                bar.close()
+                self._save_preempted()
         bar.close()
+        self._enter("final")
         self._flush_skips()
         after = self.evaluate()
         self.report.heldout("after", after, pos.step)
@@ -316,10 +326,31 @@ class Trainer:
         report.write_summary(self.out, summary, d)
         return summary
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> Optional[dict[str, float]]:
         return heldout_metrics(self)
 
+    # ------------------------------------------------------------------------------------ preemption
+
+    def _enter(self, phase: str) -> None:
+        if self.preemption is not None:
+            self.preemption.enter(phase, self.pos.step)
+
+    def _stop_here(self, point: str, boundary: bool = False) -> bool:
+        """Whether every rank stops here for a preemption (runtime/preempt.py); only inside the loop."""
+        p = self.preemption
+        return p is not None and p.phase == "train" and p.stop_here(point, boundary)
+
+    def _save_preempted(self) -> None:
+        """The ranks agreed to stop: write the step reached, through the same atomic save, and unwind."""
+        self._mark(self.pos.step, "preempted")
+        started, tag = time.perf_counter(), None if self.saved_step == self.pos.step else f"step{self.pos.step}"
+        self.save()
+        self.preemption.checkpoint_written()
+        raise preempt.Preempted(tag, self.pos.step, time.perf_counter() - started)
+
     def _mark(self, step: int, what: str) -> None:
+        if self.preemption is not None:
+            self.preemption.step = step  # what a signal's message names
         if self.health is not None:  # the watchdog runs from fit(); a benchmark may step without it
             self.health.mark(step, what)
 
@@ -391,8 +422,9 @@ class Trainer:
 
 
 @torch.no_grad()
-def heldout_metrics(trainer: Trainer) -> dict[str, float]:
-    """Held-out loss terms and teacher-student agreement, averaged over every rank's batches."""
+def heldout_metrics(trainer: Trainer) -> Optional[dict[str, float]]:
+    """Held-out loss terms and teacher-student agreement, averaged over every rank's batches; None when a
+    preemption cut it short (the ranks stop at the same batch, before the reduction)."""
     engine, model = trainer.engine, trainer.model
     engine.eval()
     names = ["loss/total", *(f"loss/{n}" for n in model.term_names)]
@@ -401,6 +433,9 @@ def heldout_metrics(trainer: Trainer) -> dict[str, float]:
     same_width = teacher_width == hidden_size(trainer.student.config)  # the cosine compares like with like
     sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
     for i, batch in enumerate(trainer.heldout):
+        if trainer._stop_here(f"eval/{trainer.pos.step}/{i}"):  # every rank breaks at the same batch
+            engine.train()
+            return None
         trainer._mark(trainer.pos.step, f"evaluation batch {i}")
         faults.hit("eval.batch", trainer.pos.step)
         batch = batches.to_device(batch, trainer.dist.device)

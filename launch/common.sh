@@ -2,6 +2,12 @@
 # own flags (before) and the training flags (after), finds the hostfile and the master address, and
 # exports .deepspeed_env so that every mode sees the same variables (DeepSpeed itself exports that file
 # only for its pdsh and MPI runners, not for --no_ssh or Slurm).
+#
+# SIGUSR1 is the ranks' "save and stop" signal (exit 75, resume me; engine/runtime/preempt.py): the
+# launcher chain ignores it (an ignored signal stays ignored across exec; the ranks take it themselves),
+# so signalling every process of a job reaches only the ranks, and the launcher, never signalled itself,
+# passes their exit code 75 on. SIGTERM stays the launcher's: it forwards it to its ranks and waits.
+trap '' USR1
 
 launcher_args=()
 train_args=()

@@ -9,6 +9,9 @@
 # DeepSpeed launcher flags go before "--" (e.g. --exclude node-b:7), training flags after it.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# DeepSpeed's runner ignores TERM here: when every process of the job is signalled (Slurm), it must
+# outlive its ranks while they save, or the job step ends, and Slurm kills them, when it exits.
+trap '' TERM
 : "${NODE_RANK:?set NODE_RANK to the index of this node in the hostfile, counting from 0}"
 exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${launcher_args[@]}" \

@@ -158,27 +158,24 @@ def shm_released():
             leaked.append(path.name)
 
 
+def deepspeed_cmd(recipe: Path, *extra: str, ranks: int = 2, module: bool = False) -> list[str]:
+    """``deepspeed`` starting the training entry point with ``ranks`` CPU ranks on loopback."""
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += ["--module", "biodistill.engine"] if module else [str(REPO / "launch" / "train.py")]
+    return [*cmd, "--config", str(recipe), *extra]
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def launch(
     recipe: Path, *extra: str, ranks: int = 2, module: bool = False, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """A real ``deepspeed`` launch of the training entry point with ``ranks`` CPU ranks on loopback."""
-    target = ["--module", "biodistill.engine"] if module else [str(REPO / "launch" / "train.py")]
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        str(ranks),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        *target,
-        "--config",
-        str(recipe),
-        *extra,
-    ]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    cmd = deepspeed_cmd(recipe, *extra, ranks=ranks, module=module)
     with shm_released() as leaked:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(), cwd=REPO)
     proc.leaked_shm = leaked
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
@@ -208,3 +205,100 @@ def csv_metric(run_dir: Path, name: str) -> dict[int, float]:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def metrics(run: Path, split: str = "train") -> list[dict]:
+    """The run's metrics.jsonl lines of ``split``; a line cut short by a kill is dropped."""
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["split"] == split:
+            out.append(row)
+    return out
+
+
+def exact(row: dict) -> dict:
+    """What must be bit-identical between runs: everything but the wall-clock rate."""
+    return {k: v for k, v in row.items() if k != "tokens_per_s"}
+
+
+@pytest.fixture(scope="session")
+def dropout_job(tmp_path_factory, tiny_corpus):
+    """A 12-step 2-rank job with dropout on (so every RNG matters), 2 micro-batches per step, a checkpoint
+    every 2 steps (the newest 2 kept), an evaluation every 3; and its uninterrupted run
+    (``reference``): the fault and preemption tests compare runs they interrupt with it, bit for bit."""
+    tmp = tmp_path_factory.mktemp("dropout-job")
+    teacher = make_bert(tmp / "teacher", dropout=0.1)
+    recipe = recipe_dict(
+        teacher, tiny_corpus, tmp, [{"kind": "mlm", "weight": 1.0}, {"kind": "logit_kl", "weight": 2.0}],
+        train={"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "save_every": 2, "eval_every": 3,
+               "keep_checkpoints": 2, "collective_timeout": 30},
+    )  # fmt: skip
+    path = write_recipe(tmp / "r.yaml", recipe)
+    proc = launch(path, "--train.output_dir", str(tmp / "reference"))
+    assert proc.returncode == 0
+    return tmp, path
+
+
+def reached(proc: subprocess.Popen, run: Path, step: int, log: Path, timeout: float = 300) -> None:
+    """Wait until the job ``proc`` (logging to ``log``) has logged training step ``step`` in ``run``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(run)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the job ended or stalled before step {step}:\n{log.read_text()[-3000:]}")
+
+
+def assert_checkpoints_consistent(root: Path) -> None:
+    """`latest`, when present, names a complete checkpoint; every visible step folder is complete."""
+    if not root.exists():
+        return
+    steps = [p for p in root.iterdir() if p.name.startswith("step")]
+    for p in steps:
+        assert (p / "biodistill.json").is_file(), f"{p} is visible but incomplete"
+    if (root / "latest").exists():
+        assert (root / (root / "latest").read_text().strip() / "biodistill.json").is_file()
+
+
+_SLURM = {
+    # srun: the task once per node, concurrently, SLURM_NODEID set; its pid noted for scancel; the highest
+    # task exit status is its own (Slurm's, for a step whose tasks all exited).
+    "srun": """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+echo $$ > "$(dirname "$0")/../srun.pid"
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid"; code=$?; ((code > status)) && status=$code; done
+exit $status
+""",
+    # scancel --signal=SIG JOB: the signal to every process of the job's steps (not the batch script).
+    "scancel": """#!/usr/bin/env bash
+sig="${1#--signal=}"
+below() { local p; for p in $(pgrep -P "$1"); do echo "$p"; below "$p"; done; }
+kill -"$sig" $(below "$(cat "$(dirname "$0")/../srun.pid")")
+""",
+    "scontrol": """#!/usr/bin/env bash
+case "$1" in
+  show) printf "gpu-node-7\\ngpu-node-8\\n" ;;
+  requeue) echo "$2" >> "$(dirname "$0")/../requeued" ;;
+esac
+""",
+}
+
+
+def fake_slurm(root: Path) -> Path:
+    """Slurm's srun, scancel and scontrol, standing in on this one machine (``root/bin``, for PATH):
+    ``scontrol show hostnames`` gives two nodes, ``scontrol requeue JOB`` appends JOB to ``root/requeued``."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    for name, text in _SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from conftest import minilm_dir, recipe_dict, swapped_student, write_recipe
 from biodistill.engine import cli
 from biodistill.engine.data import cache as prepare
 from biodistill.engine.losses import LOSSES
+from biodistill.engine.runtime import preempt
 from biodistill.engine.runtime.distributed import check_deepspeed_json
 
 TERMS = [{"kind": "hidden_mse", "weight": 1.0, "layer_map": "last"}, {"kind": "logit_kl", "weight": 1.0}]
@@ -158,6 +160,11 @@ CASES = [
         "zero-timeout",
         "{r}: train.collective_timeout: must be > 0 seconds, got 0.0",
         put("train.collective_timeout", 0),
+    ),
+    Case(
+        "negative-preempt-grace",
+        "{r}: train.preempt_grace: must be > 0 seconds, got -1.0",
+        put("train.preempt_grace", -1),
     ),
     Case(
         "flag-without-value",
@@ -374,6 +381,9 @@ def test_bad_input_gets_its_exact_error(case, tmp_path, tiny_teacher, tiny_corpu
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"{program}: error: {expected}"
     assert not torch.distributed.is_initialized()  # found before the job joined a process group
+    # The signals are this process's again (a subprocess started from here inherits the mask).
+    assert not {signal.SIGTERM, signal.SIGUSR1} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and preempt.current() is None
 
 
 def test_catalogue_is_at_least_25_strong():

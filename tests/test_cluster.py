@@ -18,6 +18,7 @@ from conftest import (
     REPO,
     SAMPLE,
     csv_metric,
+    fake_slurm,
     free_port,
     launch,
     make_bert,
@@ -262,26 +263,11 @@ def test_wrappers_refuse_bad_settings(tmp_path, script, env, message):
 
 # ----------------------------------------------------------------------------------------- Slurm
 
-SRUN = """#!/usr/bin/env bash
-# Stands in for Slurm's srun on this one machine: the task once per node, concurrently, SLURM_NODEID set.
-while [[ "$1" == --* ]]; do shift; done
-pids=()
-for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-exit $status
-"""
-
 
 def test_slurm_template_starts_one_launcher_per_node(tmp_path, still_teacher, small_corpus):
     """launch/slurm.sbatch inside a 2-node "allocation": it writes the hostfile from the node list and
     starts launch/node.sh per node (Slurm's srun and scontrol stand-ins start processes locally)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(SRUN)
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "gpu-node-7\\ngpu-node-8\\n"\n')
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
+    bin_dir = fake_slurm(tmp_path)
     raw = recipe_dict(still_teacher, small_corpus, tmp_path, TERMS, data={"max_length": 32})
     raw["train"].update(max_steps=3, micro_batch_size=2, export=False)
     recipe = write_recipe(tmp_path / "r.yaml", raw)

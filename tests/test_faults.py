@@ -7,7 +7,6 @@ test itself (SIGKILL of the whole process group at an arbitrary moment, a tmpfs 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,29 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, launch, make_bert, recipe_dict, shm_released, summary, write_recipe
+from conftest import (
+    REPO,
+    assert_checkpoints_consistent,
+    deepspeed_cmd,
+    exact,
+    job_env,
+    launch,
+    metrics,
+    reached,
+    shm_released,
+    summary,
+)  # fmt: skip
 
 pytestmark = pytest.mark.multirank
-
-TERMS = [{"kind": "mlm", "weight": 1.0}, {"kind": "logit_kl", "weight": 2.0}]
-
-
-def metrics(run: Path, split: str = "train") -> list[dict]:
-    """The run's metrics.jsonl lines of ``split``; a line cut short by a kill is dropped."""
-    out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row["split"] == split:
-            out.append(row)
-    return out
-
-
-def exact(row: dict) -> dict:
-    """What must be bit-identical between runs: everything but the wall-clock rate."""
-    return {k: v for k, v in row.items() if k != "tokens_per_s"}
 
 
 def faulty(recipe: Path, failpoints: str, *extra: str, **kw) -> subprocess.CompletedProcess:
@@ -57,20 +47,8 @@ def announced(proc: subprocess.CompletedProcess, action: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_corpus):
-    """A 12-step 2-rank job with dropout on (so every RNG matters), 2 micro-batches per step, a checkpoint
-    every 2 steps (the newest 2 kept), an evaluation every 3; and its uninterrupted run."""
-    tmp = tmp_path_factory.mktemp("faults")
-    teacher = make_bert(tmp / "teacher", dropout=0.1)
-    recipe = recipe_dict(
-        teacher, tiny_corpus, tmp, TERMS,
-        train={"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "save_every": 2, "eval_every": 3,
-               "keep_checkpoints": 2, "collective_timeout": 30},
-    )  # fmt: skip
-    path = write_recipe(tmp / "r.yaml", recipe)
-    proc = launch(path, "--train.output_dir", str(tmp / "reference"))
-    assert proc.returncode == 0
-    return tmp, path
+def job(dropout_job):
+    return dropout_job
 
 
 # One failpoint per launch; each launch resumes from whatever the previous one left. POINT[@STEP][#HIT][:RANK].
@@ -121,32 +99,16 @@ def test_killed_anywhere_resumes_bit_identically(job):
 
 def kill_job_after(recipe: Path, run: Path, step: int, extra: list[str]) -> subprocess.CompletedProcess:
     """SIGKILL the launcher and every rank at once (a node losing power) as soon as ``step`` is logged."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd += [str(REPO / "launch" / "train.py"), "--config", str(recipe), *extra]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    cmd = deepspeed_cmd(recipe, *extra)
     log = run.parent / "killed-job.log"
     with shm_released(), open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(run)):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the job ended before it could be killed:\n{log.read_text()[-3000:]}"
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=job_env(), cwd=REPO, start_new_session=True
+        )
+        reached(proc, run, step, log)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
-
-
-def assert_checkpoints_consistent(root: Path) -> None:
-    """`latest`, when present, names a complete checkpoint; every visible step folder is complete."""
-    if not root.exists():
-        return
-    steps = [p for p in root.iterdir() if p.name.startswith("step")]
-    for p in steps:
-        assert (p / "biodistill.json").is_file(), f"{p} is visible but incomplete"
-    if (root / "latest").exists():
-        assert (root / (root / "latest").read_text().strip() / "biodistill.json").is_file()
 
 
 @pytest.mark.parametrize(

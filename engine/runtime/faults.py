@@ -11,7 +11,10 @@ then cost one dict lookup per call. The variable holds ``;``-separated entries::
 STEP is the training step being run (or saved); HIT counts the calls at that point and step (from 1);
 RANK defaults to every rank. Actions: ``kill`` (SIGKILL: no handler, no cleanup, like the OOM
 killer or a node failure), ``stall`` (hang forever, like a wedged collective or filesystem),
-``ioerror`` (raise EIO), ``nan`` (the tensor passed through :func:`poison` becomes NaN).
+``ioerror`` (raise EIO), ``nan`` (the tensor passed through :func:`poison` becomes NaN), ``sigterm``
+(SIGTERM to the rank's whole process group, launcher included, as a scheduler ends a job: start the job in
+a session of its own) and ``sigusr1`` (SIGUSR1 to this rank alone, as Slurm's forwarded warning reaches
+it); after either the rank goes on 2.5 s later (past the copies of a signal), its signal thread having had it.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import torch
 from ..config import ConfigError
 
 ENV = "BIODISTILL_FAILPOINTS"
-ACTIONS = ("kill", "stall", "ioerror", "nan")
+ACTIONS = ("kill", "stall", "ioerror", "nan", "sigterm", "sigusr1")
 POINTS = (
+    "train.start",  # every rank has joined the process group, nothing is built yet (start-up)
     "train.micro",  # after the teacher and student forwards of a micro-batch, before its backward
     "train.step",  # after the optimizer step, before the step is counted
     "train.loss",  # nan: the student loss of a micro-batch
@@ -48,7 +52,7 @@ POINTS = (
     "save.prune",  # before each old checkpoint is deleted (train.keep_checkpoints)
     "export.begin",  # the final Hugging Face export starts
 )
-_ENTRY = re.compile(r"^(?P<point>[a-z_.]+)(@(?P<step>\d+))?(#(?P<hit>\d+))?(:(?P<rank>\d+))?=(?P<action>[a-z]+)$")
+_ENTRY = re.compile(r"^(?P<point>[a-z_.]+)(@(?P<step>\d+))?(#(?P<hit>\d+))?(:(?P<rank>\d+))?=(?P<action>[a-z0-9]+)$")
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def _triggered(point: str, step: Optional[int], actions: tuple[str, ...]) -> Opt
 
 def hit(point: str, step: Optional[int] = None) -> None:
     """Pass a failpoint: kill, stall or raise here when one is armed for it."""
-    fp = _triggered(point, step, ("kill", "stall", "ioerror"))
+    fp = _triggered(point, step, ("kill", "stall", "ioerror", "sigterm", "sigusr1"))
     if fp is None:
         return
     rank = os.environ.get("RANK", "0")
@@ -114,6 +118,15 @@ def hit(point: str, step: Optional[int] = None) -> None:
           file=sys.stderr, flush=True)  # fmt: skip
     if fp.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fp.action in ("sigterm", "sigusr1"):
+        if fp.action == "sigterm":
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+        else:  # the launcher does not take SIGUSR1 (launch/common.sh ignores it): the ranks do
+            os.kill(os.getpid(), signal.SIGUSR1)
+        from .preempt import BURST
+
+        time.sleep(BURST + 0.5)  # a failpoint's next signal is then a second one, never a copy of this
+        return
     if fp.action == "stall":
         threading.Event().wait()  # forever; only the job's watchdog or the launcher ends this rank
     raise OSError(errno.EIO, f"injected I/O error at failpoint {point} (step {step})")

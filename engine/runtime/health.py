@@ -13,9 +13,10 @@ The failure modes of a long data-parallel job, and what ends each:
 - every rank stalls, or one stalls outside any collective: each rank's watchdog notices its own main
   thread made no progress for ``train.collective_timeout`` seconds and aborts the job;
 - rank 0 dies: the store lives in its process; a watchdog that cannot reach it names rank 0 and exits;
-- the launcher ends the job (DeepSpeed's launcher SIGTERMs every rank about a second after one exits
-  non-zero, Slurm on preemption): a SIGTERM handler reports which rank died, if one did, before exiting,
-  so the report does not depend on whether a survivor's collective failed first.
+- the launcher ends the job after a rank failed (DeepSpeed's launcher SIGTERMs every rank about a second
+  after one exits non-zero): the survivors' SIGTERM names the rank that died (:meth:`Health.peer_failed`),
+  so the report does not depend on whether a survivor's collective failed first. Any other SIGTERM (the
+  scheduler, a user) is a preemption, not a failure: ``preempt.py`` saves and exits "resume me".
 
 Heartbeats go through ``torch.distributed``'s own TCPStore (the one every rank rendezvoused on), so this
 works under the deepspeed launcher, pdsh, mpirun and Slurm alike, on gloo and NCCL.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 import threading
@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from . import preempt
 from .distributed import release_shared_memory
 
 
@@ -53,30 +54,31 @@ class Health:
         self.progress, self.step, self.phase = 0, 0, "start"
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
-        # The watchdog and a failing main thread must not both report; re-entrant, because the SIGTERM
-        # handler runs on the main thread and may interrupt it while it reports.
+        # The watchdog and a failing main thread must not both report; re-entrant, because a report may
+        # end in another (fail -> _exit) on the same thread.
         self._lock = threading.RLock()
         self._thread: Optional[threading.Thread] = None
-        self._previous_sigterm = None
-        self._exiting = False  # set once this rank reports its end: a SIGTERM then adds nothing
 
     def start(self) -> Health:
         self._beat()
         self._thread = threading.Thread(target=self._watch, name="biodistill-watchdog", daemon=True)
         self._thread.start()
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self._previous_sigterm = signal.signal(signal.SIGTERM, self._terminated)
+        if (preemption := preempt.current()) is not None:
+            preemption.failure = self.peer_failed
         return self
 
-    def _terminated(self, signum, frame) -> None:
-        """SIGTERM: name a rank that died (the usual reason a launcher ends the others), then exit."""
-        if self._exiting:
-            os._exit(1)
-        where = f"rank {self.rank} was ended by SIGTERM at step {self.step} ({self.phase})"
-        cause = self.diagnose(stalled=False)
-        message = f"{cause}; {where}" if cause else where
-        self._post_abort(message)
-        self._exit(message)
+    def peer_failed(self) -> Optional[str]:
+        """Why the launcher is ending this rank, if a rank failed: its posted report, or a rank on this
+        host whose process is gone (the launcher only acts on its own ranks). Answered at once, from the
+        store and /proc; None when every rank is alive (then the signal is a preemption)."""
+        try:
+            if self.store.check(["abort"]):
+                return self.store.get("abort").decode()
+            beats = {r: self._read(r) for r in range(self.world) if r != self.rank}
+        except Exception:  # noqa: BLE001  the store lives in rank 0
+            return self._store_lost()
+        dead = sorted(r for r, b in beats.items() if b is not None and b["host"] == self.host and not _alive(b["pid"]))
+        return "; ".join(f"rank {r} (pid {beats[r]['pid']} on {self.host}) died" for r in dead) or None
 
     def stop(self) -> None:
         """End the watchdog and wait for it: a daemon thread caught inside a store call while the process
@@ -85,8 +87,8 @@ class Health:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.interval + 5.0)  # one beat; a dead store fails its call sooner
-        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if (preemption := preempt.current()) is not None:
+            preemption.failure = None
 
     def mark(self, step: int, phase: str) -> None:
         """The main thread reached ``phase`` of ``step``. Every rank marks the same sequence of phases, so
@@ -100,6 +102,7 @@ class Health:
     def fail(self, error: BaseException, quiet: bool = False) -> None:
         """This rank failed: name who is at fault, tell every rank, exit. Never returns."""
         detail = f"{type(error).__name__}: {_first_line(error)}"
+        self._if_preempting(detail)
         kind = _collective_failure(error)
         if kind is None and not isinstance(error, JobError):  # a bug: its traceback is the report
             traceback.print_exception(error, file=sys.stderr)
@@ -190,9 +193,16 @@ class Health:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         return f"rank 0 died or its host is unreachable (the job's rendezvous store at {where}, in rank 0, is gone)"
 
+    def _if_preempting(self, message: str) -> None:
+        """This rank was stopping for a preemption: a peer that ran out of grace (or this rank's own clock)
+        is what ended the collective, and "resume me" is still the truth: say that and exit with it."""
+        preemption = preempt.current()
+        if preemption is not None and preemption.deadline is not None:
+            preemption.exit_now(f"at step {self.step} ({self.phase}): {message}")
+
     def _exit(self, message: str, quiet: bool = False) -> None:
+        self._if_preempting(message)
         with self._lock:
-            self._exiting = True
             if not quiet:
                 print(f"biodistill: error: rank {self.rank}: {message}", file=sys.stderr, flush=True)
             sys.stdout.flush()
