@@ -4,6 +4,7 @@ baselines measured in the same run.
     python -m biodistill.kernels.bench kl                   # fused temperature KL vs eager / torch.compile / Liger
     python -m biodistill.kernels.bench adapter              # fused bottleneck adapter vs eager / torch.compile
     python -m biodistill.kernels.bench step                 # a whole MiniALBERT training step, kernel on vs off
+    python -m biodistill.kernels.bench attention            # attention KL without maps vs materialised / compile
     python -m biodistill.kernels.bench adapter --small      # CPU check of the harness (Triton interpreter)
 
 On CUDA, times are triton.testing.do_bench medians and memory is the peak allocated beyond the
@@ -78,12 +79,12 @@ def copy_bandwidth_gbs(device: str, mbytes: int) -> float:
 def table(title: str, rows: list[tuple[str, dict[str, float]]], baseline: str) -> str:
     """Rows of {column: ms or MB}; each provider's fwd+bwd ratio against ``baseline``."""
     cols = list(rows[0][1])
-    head = f"{'provider':<16}" + "".join(f"{c:>14}" for c in cols) + f"{'speedup':>10}"
+    head = f"{'provider':<20}" + "".join(f"{c:>14}" for c in cols) + f"{'speedup':>10}"
     out = [title, head, "-" * len(head)]
     base = dict(rows)[baseline]["fwd+bwd ms"]
     for name, vals in rows:
         cells = "".join(f"{v:>14.3f}" for v in vals.values())
-        out.append(f"{name:<16}{cells}{base / vals['fwd+bwd ms']:>9.2f}x")
+        out.append(f"{name:<20}{cells}{base / vals['fwd+bwd ms']:>9.2f}x")
     return "\n".join(out)
 
 
@@ -211,6 +212,61 @@ def bench_adapter(args) -> str:
     return table(title, rows, baseline="eager")
 
 
+# -------------------------------------------------------------------------------------- attention
+
+
+def bench_attention(args) -> str:
+    """One layer pair's attention KL, loss and dq/dk, [B, H, T, 64] bf16 student / teacher queries and keys with
+    10% padded keys, from T = 512 to 8,192: the materialised definition (``reference.attention_divergence``,
+    what eager attention's maps cost), torch.compile of it, and the fused kernel; on a CPU the blocked path
+    instead of the kernel. A provider that runs out of memory is reported as such."""
+    from .attention_blocked import blocked_attention_divergence
+    from .reference import attention_divergence
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    B, H, d = args.attn_batch, args.attn_heads, args.head_dim
+    providers = {"materialised": attention_divergence}
+    if not args.no_compile:
+        providers["torch.compile"] = torch.compile(attention_divergence, dynamic=False)
+    if device == "cuda":
+        from .attention import fused_attention_divergence
+
+        providers["triton (ours)"] = fused_attention_divergence
+    else:
+        providers["blocked (CPU path)"] = blocked_attention_divergence
+    out = [
+        f"attention KL, one layer pair: B={B} x H={H} heads x d={d}, {args.dtype}, {_device_name(device)} "
+        "(peak MB: GPU only; NaN times: out of memory)"
+    ]
+    for T in args.tokens_attn:
+        g = torch.Generator(device="cpu").manual_seed(T)
+        q_s, k_s, q_t, k_t = ((torch.randn(B, H, T, d, generator=g)).to(device, dtype) for _ in range(4))
+        q_s.requires_grad_(), k_s.requires_grad_()
+        mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        mask[:, T - T // 10 :] = False
+        rows = []
+        for name, fn in providers.items():
+
+            def forward(fn=fn, x=(q_s, k_s, q_t, k_t, mask)):
+                x[0].grad = x[1].grad = None
+                return fn(*x[:4], "kl", key_mask=x[4], rows=x[4]).sum()
+
+            def fwd_bwd(forward=forward):
+                forward().backward()
+
+            try:
+                rows.append((name, {
+                    "fwd ms": median_ms(forward, device, args.reps),
+                    "fwd+bwd ms": median_ms(fwd_bwd, device, args.reps),
+                    "peak MB": peak_mb(fwd_bwd, device),
+                }))  # fmt: skip
+            except torch.OutOfMemoryError:
+                rows.append((name, {"fwd ms": float("nan"), "fwd+bwd ms": float("nan"), "peak MB": float("nan")}))
+                torch.cuda.empty_cache()
+        out.append(table(f"\nT={T}", rows, baseline="materialised"))
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------ step
 
 
@@ -253,7 +309,7 @@ def _device_name(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m biodistill.kernels.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("kernel", choices=["kl", "adapter", "step"])
+    parser.add_argument("kernel", choices=["kl", "adapter", "step", "attention"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--rows", type=int, default=8192, help="kl: logit rows N")
     parser.add_argument("--vocab", type=int, nargs="+", default=[28996, 30522, 50265, 128256], help="kl: vocabularies")
@@ -262,18 +318,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reduction", type=int, default=16)
     parser.add_argument("--batch", type=int, default=48, help="step: sequences")
     parser.add_argument("--length", type=int, default=256, help="step: tokens per sequence")
+    parser.add_argument("--tokens-attn", type=int, nargs="+", help="attention: sequence lengths (GPU: 512 to 8,192; "
+                        "CPU: 512 to 4,096, where the materialised maps must fit in host memory)")  # fmt: skip
+    parser.add_argument("--attn-batch", type=int, help="attention: sequences (GPU 4, CPU 1)")
+    parser.add_argument("--attn-heads", type=int, help="attention: heads (GPU 12, CPU 4)")
+    parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--small", action="store_true", help="CPU-sized shapes, to check the harness itself")
     args = parser.parse_args(argv)
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.tokens_attn = args.tokens_attn or ([512, 1024, 2048, 4096, 8192] if gpu else [512, 1024, 2048, 4096])
+    args.attn_batch, args.attn_heads = args.attn_batch or (4 if gpu else 1), args.attn_heads or (12 if gpu else 4)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
         if args.small:
             args.tokens, args.hidden, args.batch, args.length, args.reps = 64, 96, 2, 16, 3
             args.dtype = "float32"
             args.rows, args.vocab = 16, [1000, 5000]
-    print({"kl": bench_kl, "adapter": bench_adapter, "step": bench_step}[args.kernel](args))
+            args.tokens_attn, args.attn_batch, args.attn_heads, args.head_dim = [64, 256], 1, 2, 16
+    benches = {"kl": bench_kl, "adapter": bench_adapter, "step": bench_step, "attention": bench_attention}
+    print(benches[args.kernel](args))
 
 
 if __name__ == "__main__":

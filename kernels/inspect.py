@@ -3,6 +3,7 @@ read each cubin's resource usage: the check the Triton interpreter cannot make.
 
     python -m biodistill.kernels.inspect                 # the table; exit 1 on any fault
     python -m biodistill.kernels.inspect --arch 90 --only adapter
+    python -m biodistill.kernels.inspect --only kl --only adapter --only attention-worst   # what the tests compile
 
 Each row is one launch exactly as a dispatcher makes it (``kl.forward_launch``, ``adapter.backward_launch``,
 ...) for the shipped and benchmark shapes, built from mock tensors of the right dtypes and strides and
@@ -22,7 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,29 @@ KL_DTYPES = (  # (student, teacher): the engine's mixed cases and the plain ones
 # (312 is not a multiple of 16; 12 is the nearest factor that divides it)
 ADAPTER_SHAPES = ((768, 16), (312, 12))
 ADAPTER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Attention divergence (kernels/attention.py): (student, teacher) head dims TinyBERT's 26 (312 / 12) against BERT's
+# 64, MiniLM's and ModernBERT-base's 32 / 64, 96 and 128 (wide heads); each pair in the engine's dtypes (bf16, and
+# fp16 and fp32 for the attention KL the terms use) with every kind, and the windowed variant (ModernBERT's
+# local layers). Registers grow with the tile of head dims (32, 64, 128) and with the kind (two-pass kinds hold
+# the most); WORST_ATTENTION is the largest of each tile configuration (tile_config), what the test suite compiles.
+ATTENTION_HEADS = ((26, 64), (32, 32), (64, 64), (96, 96), (128, 128))
+ATTENTION_CASES = [
+    (d_s, d_t, s_dtype, t_dtype, kind, window)
+    for d_s, d_t in ATTENTION_HEADS
+    for s_dtype, t_dtype, kinds in (
+        (torch.bfloat16, torch.bfloat16, ("kl_floor", "kl", "mse", "score_mse")),
+        (torch.float16, torch.float16, ("kl_floor",)),
+        (torch.float32, torch.float32, ("kl_floor",)),
+    )
+    for kind in kinds
+    for window in ((None, 64) if (kind, s_dtype) == ("kl_floor", torch.bfloat16) else (None,))
+]
+WORST_ATTENTION = [
+    (d, d, dtype, dtype, kind, window)
+    for d, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (128, torch.float32))
+    for kind, window in (("kl_floor", 64), ("mse", None))
+]
+ATTENTION_TOKENS, ATTENTION_BATCH_HEADS = 8192, (4, 12)
 ROWS = 4096  # rows of the mock launches: sets the grid and the row strides, not the code
 
 
@@ -121,13 +145,27 @@ def _adapter(H, factor, dtype, backward):
     return (adapter._adapter_bwd, *launch)
 
 
+def _attention(kernel, d_s, d_t, s_dtype, t_dtype, kind, window):
+    from . import attention
+
+    (B, H), T = ATTENTION_BATCH_HEADS, ATTENTION_TOKENS
+    q_s, q_t = _mock(s_dtype, B, H, T, d_s), _mock(t_dtype, B, H, T, d_t)
+    mask, rows_f32 = _mock(torch.bool, B, T), _mock(torch.float32, B, H, T)
+    out = _mock(torch.float32, B, H, T, d_s) if kernel != "fwd" else rows_f32
+    launch = attention.launch(kernel, q_s, q_s, q_t, q_t, mask, mask, out, rows_f32, rows_f32, rows_f32, kind,
+                              window, 0.125, 0.125, rows_f32)  # fmt: skip
+    return (attention._KERNELS[kernel], *launch)
+
+
 def _name(dtype) -> str:
     return str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
 
 
-def cases(only: Optional[str] = None) -> list[Case]:
+def cases(only: Optional[Collection[str]] = None) -> list[Case]:
+    """The launches of the kernel modules in ``only`` (all when None)."""
+    only = set(only or ("kl", "adapter", "attention"))
     out = []
-    if only in (None, "kl"):
+    if "kl" in only:
         for V in KL_VOCABS:
             for s_dtype, t_dtype in KL_DTYPES:
                 for write_grad in (True, False):
@@ -136,13 +174,20 @@ def cases(only: Optional[str] = None) -> list[Case]:
                     out.append(Case("kl._kl_fwd", config, _bind(_kl_forward, V, s_dtype, t_dtype, write_grad)))
             for g_dtype in sorted({s for s, _ in KL_DTYPES}, key=str):
                 out.append(Case("kl._scale_grad", f"V={V} grad {_name(g_dtype)}", _bind(_kl_scale, V, g_dtype)))
-    if only in (None, "adapter"):
+    if "adapter" in only:
         for H, factor in ADAPTER_SHAPES:
             for dtype in ADAPTER_DTYPES:
                 for backward in (False, True):
                     kernel = "adapter._adapter_bwd" if backward else "adapter._adapter_fwd"
                     config = f"H={H} r={H // factor} {_name(dtype)}"
                     out.append(Case(kernel, config, _bind(_adapter, H, factor, dtype, backward)))
+    if only & {"attention", "attention-worst"}:
+        for d_s, d_t, s_dtype, t_dtype, kind, window in ATTENTION_CASES if "attention" in only else WORST_ATTENTION:
+            for kernel in ("fwd", "dq", "dk"):
+                config = f"d={d_s}/{d_t} {_name(s_dtype)}/{_name(t_dtype)} {kind}"
+                config += f" window {window}" if window is not None else ""
+                make = _bind(_attention, kernel, d_s, d_t, s_dtype, t_dtype, kind, window)
+                out.append(Case(f"attention.{kernel}", config, make))
     return out
 
 
@@ -202,7 +247,7 @@ def _compile_all(work: tuple[list[Case], int]) -> list[Usage]:
     return [compile_case(c, arch) for c in batch]
 
 
-def inspect(only: Optional[str] = None, archs=ARCHS, jobs: int = 0) -> list[Usage]:
+def inspect(only: Optional[Collection[str]] = None, archs=ARCHS, jobs: int = 0) -> list[Usage]:
     """Every case at every architecture, compiled in ``jobs`` processes (default: one a core)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit(
@@ -240,7 +285,10 @@ def format_table(usages: list[Usage]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m biodistill.kernels.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, choices=ARCHS, action="append", help="sm_80 and/or sm_90 (default both)")
-    parser.add_argument("--only", choices=["kl", "adapter"], help="one kernel module")
+    parser.add_argument(
+        "--only", choices=["kl", "adapter", "attention", "attention-worst"], action="append",
+        help="kernel modules, repeatable (attention-worst: the largest attention launch of each tile configuration)",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=0, help="compiling processes (default: one a core)")
     args = parser.parse_args(argv)
     usages = inspect(args.only, tuple(args.arch or ARCHS), args.jobs)

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from . import reference
-from .reference import Reduction
+from .attention_blocked import blocked_attention_divergence
+from .reference import AttentionKind, Reduction
 
-__all__ = ["TemperatureKL", "bottleneck_adapter", "kernel_mode", "temperature_kl", "use_triton"]
+__all__ = ["TemperatureKL", "attention_divergence", "bottleneck_adapter", "kernel_mode", "temperature_kl", "use_triton"]
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -105,3 +106,29 @@ class TemperatureKL(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}, scale_t2={self.scale_t2}"
+
+
+def attention_divergence(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    kind: AttentionKind = "kl",
+    *,
+    key_mask: Optional[torch.Tensor] = None,
+    rows: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    scale_s: Optional[float] = None,
+    scale_t: Optional[float] = None,
+) -> torch.Tensor:
+    """Per query row ``[B, H, T]`` (fp32), the divergence ``kind`` (kl, mse, score_mse) between the student's
+    attention from its queries and keys ``[B, H, T, d_s]`` and the teacher's ``[B, H, T, d_t]``, without a T x T
+    tensor: the Triton kernel (kernels/attention.py) on CUDA tensors, the blocked PyTorch path
+    (kernels/attention_blocked.py) elsewhere; both bound the extra memory to O(B H T). See
+    ``reference.attention_divergence`` for the arguments. The teacher is a constant (no gradient)."""
+    kwargs = dict(key_mask=key_mask, rows=rows, window=window, scale_s=scale_s, scale_t=scale_t)
+    if use_triton(q_s):
+        from .attention import fused_attention_divergence  # imports triton only when used
+
+        return fused_attention_divergence(q_s, k_s, q_t, k_t, kind, **kwargs)
+    return blocked_attention_divergence(q_s, k_s, q_t, k_t, kind, **kwargs)
