@@ -105,12 +105,19 @@ class LossTermConfig:
     layer_map: LayerMap = "last"  # hidden/attention terms: "last", "uniform" or [[student, teacher], ...]
     temperature: Optional[float] = None  # logit_kl / soft_ce: overrides losses.temperature
     projection: bool = False  # hidden_mse: learn a student->teacher width projection (dropped at export)
+    # relation_kl (MiniLMv2): which self-attention relations, softmax(X X^T / sqrt(d_r)) for X in these
+    relations: list[Literal["query", "key", "value"]] = field(default_factory=lambda: ["query", "key", "value"])
+    relation_heads: int = 0  # relation_kl: heads both models' X are split into (0: the teacher's attention heads)
 
 
 @dataclass
 class LossesConfig:
     temperature: float = 2.0
     logit_rows: Literal["masked", "all"] = "masked"  # rows where the LM heads run: MLM-masked or all non-pad
+    # How attention terms read the maps. fused: from each layer's captured queries and keys, by the kernel in
+    # kernels/attention.py (no T x T tensor; both models keep SDPA / flash). maps: eager attention's [B, heads, T, T]
+    # maps of every layer (quadratic memory). auto: fused where both families allow it (DeBERTa's do not).
+    attention_path: Literal["auto", "fused", "maps"] = "auto"
     terms: list[LossTermConfig] = field(default_factory=list)
 
 
@@ -394,6 +401,16 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         check(term.kind in LOSSES, f"{k}.kind", f"unknown loss {term.kind!r}; known: {', '.join(LOSSES)}")
         check(term.weight >= 0, f"{k}.weight", f"must be >= 0, got {term.weight}")
         check(term.temperature is None or term.temperature > 0, f"{k}.temperature", "must be > 0")
+        check(
+            bool(term.relations) and len(set(term.relations)) == len(term.relations),
+            f"{k}.relations",
+            f"must list query, key and/or value, each once, got {term.relations}",
+        )
+        check(
+            term.relation_heads >= 0,
+            f"{k}.relation_heads",
+            f"must be >= 0 (0: the teacher's heads), got {term.relation_heads}",
+        )
         if isinstance(term.layer_map, str):
             check(
                 term.layer_map in ("last", "uniform"),
@@ -401,6 +418,9 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
                 f"must be 'last', 'uniform' or a list of [student, teacher] pairs, got {term.layer_map!r}",
             )
         else:
+            check(
+                bool(term.layer_map), f"{k}.layer_map", "an empty list pairs no layers: give [[student, teacher], ...]"
+            )
             for j, pair in enumerate(term.layer_map):
                 check(
                     len(pair) == 2 and min(pair) >= 0,

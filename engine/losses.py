@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.ops import temperature_kl
+from ..kernels.ops import attention_divergence, temperature_kl
+from ..kernels.reference import KL_FLOOR
 from .config import ConfigError, LossesConfig, LossTermConfig
 from .models.outputs import (
+    CAPTURE_TYPES,
     NOTHING,
     Needs,
     Outputs,
+    attention_width,
     attention_window,
     encode,
     hidden_size,
@@ -31,8 +34,6 @@ from .models.outputs import (
     num_layers,
     score_definition,
 )
-
-_ATTN_EPS = 1e-12  # floor inside the logs of the attention KL, as the published scripts used
 
 
 class TermContext:
@@ -186,9 +187,22 @@ class HiddenMSE(_HiddenTerm):
 
 
 class _AttentionTerm(LossTerm):
-    student_needs = Needs(attentions=True)
-    teacher_needs = Needs(attentions=True)
-    source = "attentions"  # or "scores": the pre-softmax maps
+    """A term on attention maps, taken one of two ways (``losses.attention_path``, decided once per term):
+
+    - fused: from each mapped layer's queries and keys, captured while both models run SDPA/flash
+      (models/attention.py), by ``kernels.ops.attention_divergence``: the Triton kernel on a GPU, the blocked
+      PyTorch path on a CPU, either without a T x T tensor;
+    - maps: every layer's ``[B, heads, T, T]`` maps (or scores) from eager attention (the scores tap for some
+      families), for the families whose attention cannot be captured (DeBERTa's disentangled scores).
+
+    Both compute the same value: the per-row sum over keys (padded keys and keys outside a local window carry
+    probability 0 in both maps), averaged over valid query rows x heads x T, as the published scripts' mean
+    over (batch, head, query, key) did. The fused path compares the attention distributions themselves; in
+    training, the maps transformers returns for the student are after attention dropout (zeroed and rescaled
+    entries), so the two paths agree exactly only without attention dropout."""
+
+    source = "attentions"  # what the maps path reads: post-softmax maps, or "scores" (pre-softmax)
+    divergence = ""  # what the fused path computes (kernels.reference.ATTENTION_KINDS): each term says
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -196,6 +210,7 @@ class _AttentionTerm(LossTerm):
         hs, ht = num_heads(ctx.student_config), num_heads(ctx.teacher_config)
         if hs != ht:
             raise ctx.error("kind", f"attention terms compare head by head: student has {hs} heads, teacher {ht}")
+        self.windows = []
         for s, t in self.pairs:
             seen = [_keys_seen(ctx.student_config, s), _keys_seen(ctx.teacher_config, t)]
             if seen[0] != seen[1]:
@@ -204,17 +219,61 @@ class _AttentionTerm(LossTerm):
                     f"pair [{s}, {t}]: student layer {s} attends to {seen[0]}, teacher layer {t} to {seen[1]}; "
                     "their maps cover different keys, so pair layers of the same kind",
                 )
+            self.windows.append(attention_window(ctx.student_config, s - 1))
+        self.path, self.why = attention_path(ctx)
+        if self.path == "fused":
+            self.student_needs = Needs(queries_keys=frozenset(s - 1 for s, _ in self.pairs))
+            self.teacher_needs = Needs(queries_keys=frozenset(t - 1 for _, t in self.pairs))
+        else:
+            self.student_needs = self.teacher_needs = Needs(**{self.source: True})
 
     def forward(self, student, teacher, batch):
-        # Padded keys carry probability 0 in both maps; padded query rows are excluded.
-        valid = _token_mask(batch)[:, None, :, None].float()
+        valid = _token_mask(batch)  # padded keys and padded query rows are out
+        T = valid.shape[1]
         total = 0
-        for s, t in self.pairs:
-            student_map = getattr(student, self.source)[s - 1].float()
-            elem = self.elementwise(student_map, getattr(teacher, self.source)[t - 1].float())
-            count = valid.sum() * elem.shape[1] * elem.shape[-1]
-            total = total + (elem * valid).sum() / count.clamp(min=1)
+        for (s, t), window in zip(self.pairs, self.windows):
+            if self.path == "fused":
+                a, b = student.captured[s - 1], teacher.captured[t - 1]
+                per_row = attention_divergence(a.query, a.key, b.query, b.key, self.divergence, key_mask=valid,
+                                               rows=valid, window=window, scale_s=a.scaling, scale_t=b.scaling)  # fmt: skip
+                heads, summed = per_row.shape[1], per_row.sum()
+            else:
+                student_map = getattr(student, self.source)[s - 1].float()
+                elem = self.elementwise(student_map, getattr(teacher, self.source)[t - 1].float())
+                heads, summed = elem.shape[1], (elem * valid[:, None, :, None]).sum()
+            total = total + summed / (valid.sum() * heads * T).clamp(min=1)
         return total
+
+    def memory(self, micro_batch: int, length: int, element_bytes: int, student_config, teacher_config) -> int:
+        """Bytes this term makes the step hold beyond what the models' own SDPA forwards hold."""
+        if self.path == "maps":  # every layer of both models, whatever the layer map (transformers returns all)
+            return sum(num_layers(c) * num_heads(c) * micro_batch * length**2 * element_bytes
+                       for c in (student_config, teacher_config))  # fmt: skip
+        # The teacher's captured queries and keys (the student's are its SDPA's own, kept for backward anyway)
+        # and the kernel's three fp32 statistics a row, per layer pair.
+        tokens, heads = micro_batch * length, num_heads(teacher_config)
+        per_pair = tokens * (2 * attention_width(teacher_config) * element_bytes + 3 * 4 * heads)
+        return len(self.pairs) * per_pair
+
+
+def attention_path(ctx: TermContext) -> tuple[str, str]:
+    """``("fused" | "maps", why)`` for an attention term: ``losses.attention_path``, with "auto" resolved."""
+    asked = ctx.losses.attention_path
+    if asked == "maps":
+        return "maps", "losses.attention_path is maps"
+    outside = sorted({c.model_type for c in (ctx.student_config, ctx.teacher_config)} - CAPTURE_TYPES)
+    if outside:
+        why = (
+            f"{', '.join(outside)} computes its scores inside its own attention module: no queries and keys to capture"
+        )
+        if asked == "fused":
+            raise ConfigError(
+                ctx.source,
+                "losses.attention_path",
+                f"fused needs both models' queries and keys, but {why}; use auto or maps",
+            )
+        return "maps", why
+    return "fused", "both models' queries and keys are captured while SDPA runs"
 
 
 def _keys_seen(config, layer: int) -> str:
@@ -226,15 +285,20 @@ def _keys_seen(config, layer: int) -> str:
 
 
 class AttentionKL(_AttentionTerm):
-    """KL(teacher || student) of post-softmax attention, element-wise mean over (batch, head, query, key)."""
+    """KL(teacher || student) of post-softmax attention, element-wise mean over (batch, head, query, key), with
+    the published scripts' 1e-12 floor inside both logs (a student probability far below it is not pushed up)."""
+
+    divergence = "kl_floor"
 
     @staticmethod
     def elementwise(s, t):
-        return t * (torch.log(t + _ATTN_EPS) - torch.log(s + _ATTN_EPS))
+        return t * (torch.log(t + KL_FLOOR) - torch.log(s + KL_FLOOR))
 
 
 class AttentionMSE(_AttentionTerm):
     """MSE of post-softmax attention probabilities, element-wise mean over valid query rows."""
+
+    divergence = "mse"
 
     @staticmethod
     def elementwise(s, t):
@@ -244,9 +308,8 @@ class AttentionMSE(_AttentionTerm):
 class AttentionScoreMSE(AttentionMSE):
     """MSE of pre-softmax attention scores with padded keys zeroed, as TinyBERT's general distillation."""
 
-    student_needs = Needs(scores=True)
-    teacher_needs = Needs(scores=True)
     source = "scores"
+    divergence = "score_mse"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -263,6 +326,59 @@ class AttentionScoreMSE(AttentionMSE):
             )
 
 
+class RelationKL(LossTerm):
+    """MiniLMv2's multi-head self-attention relation distillation (Wang et al., 2021).
+
+    For each relation X in ``relations`` (query, key, value) of a layer pair, both models' X ``[B, T, width]`` is
+    split into ``relation_heads`` heads of width / relation_heads (so the two models may differ in width and in
+    attention heads), R = softmax(X_h X_h^T / sqrt(d_r)) over the valid keys, and the term is the sum over
+    relations of KL(R_teacher || R_student) per query row, averaged over valid rows and relation heads.
+    MiniLMv2 distils one teacher layer (the last for base-size teachers, an upper-middle one for large ones)
+    into the student's last. Computed by the attention kernel with (q, k) = (X, X): no T x T tensor."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.pairs = ctx.layer_map(attention=True)
+        self.relations = list(ctx.cfg.relations)
+        self.heads = ctx.cfg.relation_heads or num_heads(ctx.teacher_config)
+        for role, config in (("student", ctx.student_config), ("teacher", ctx.teacher_config)):
+            width = attention_width(config)
+            if width % self.heads:
+                raise ctx.error(
+                    "relation_heads",
+                    f"{self.heads} relation heads do not divide the {role}'s attention width {width} "
+                    f"({config.model_type}); pick a common divisor of both models' widths",
+                )
+        self.path, self.why = attention_path(ctx)
+        if self.path != "fused":
+            raise ctx.error("kind", f"relation_kl reads captured queries, keys and values, and here {self.why}")
+        student_layers, teacher_layers = (frozenset(pair[i] - 1 for pair in self.pairs) for i in (0, 1))
+        with_values = "value" in self.relations
+        self.student_needs = Needs(queries_keys=student_layers, values=student_layers if with_values else frozenset())
+        self.teacher_needs = Needs(queries_keys=teacher_layers, values=teacher_layers if with_values else frozenset())
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, T, d]`` -> ``[B, relation_heads, T, heads * d / relation_heads]``."""
+        B, H, T, d = x.shape
+        return x.transpose(1, 2).reshape(B, T, self.heads, H * d // self.heads).transpose(1, 2)
+
+    def forward(self, student, teacher, batch):
+        valid = _token_mask(batch)
+        total = 0
+        for s, t in self.pairs:
+            a, b = student.captured[s - 1], teacher.captured[t - 1]
+            for relation in self.relations:
+                xs, xt = self.split(getattr(a, relation)), self.split(getattr(b, relation))
+                per_row = attention_divergence(xs, xs, xt, xt, "kl", key_mask=valid, rows=valid)
+                total = total + per_row.sum() / (valid.sum() * self.heads).clamp(min=1)
+        return total
+
+    def memory(self, micro_batch: int, length: int, element_bytes: int, student_config, teacher_config) -> int:
+        """The teacher's captured X per relation and pair, and the kernel's row statistics."""
+        per_relation = micro_batch * length * (attention_width(teacher_config) * element_bytes + 3 * 4 * self.heads)
+        return len(self.pairs) * len(self.relations) * per_relation
+
+
 LOSSES: dict[str, type[LossTerm]] = {
     "mlm": MLMLoss,
     "logit_kl": LogitKL,
@@ -272,45 +388,40 @@ LOSSES: dict[str, type[LossTerm]] = {
     "attention_kl": AttentionKL,
     "attention_mse": AttentionMSE,
     "attention_score_mse": AttentionScoreMSE,
+    "relation_kl": RelationKL,
 }
 
 
-ATTENTION_TERMS = ("attention_kl", "attention_mse", "attention_score_mse")
-
-
-def attention_maps_note(recipe, student_config, teacher_config, element_bytes: int, device_bytes=None):
-    """What attention terms hold in memory, in words, when it matters (over 1 GiB), else None; a ConfigError
-    naming ``data.max_length`` when the maps alone outgrow ``device_bytes``.
-
-    A term that reads attention maps or scores gets every layer's ``[B, heads, T, T]`` of both models (eager
-    attention materialises them, and transformers returns all layers, not only the mapped ones): memory
-    quadratic in the sequence, which at ModernBERT's 8k positions is hundreds of GiB."""
-    terms = [t.kind for t in recipe.losses.terms if t.kind in ATTENTION_TERMS]
-    if not terms:
-        return None
+def attention_notes(recipe, terms: list[LossTerm], student_config, teacher_config, element_bytes: int,
+                    device_bytes=None) -> list[str]:  # fmt: skip
+    """One line per attention or relation term: the path it takes, why, and what it holds in memory at this
+    ``data.max_length`` and micro-batch; a ConfigError naming ``data.max_length`` when the maps path's maps
+    alone outgrow ``device_bytes``. The maps path is quadratic in T (eager attention materialises every layer's
+    ``[B, heads, T, T]`` of both models: at ModernBERT's 8k positions, hundreds of GiB); the fused path is linear."""
     micro, length = recipe.train.micro_batch_size, recipe.data.max_length
-    sizes = [
-        (role, num_layers(c), num_heads(c), num_layers(c) * num_heads(c) * micro * length**2 * element_bytes)
-        for role, c in (("teacher", teacher_config), ("student", student_config))
-        if c is not None
-    ]
-    total = sum(size for *_, size in sizes)
-    if total < 2**30 and device_bytes is None:
-        return None
-    each = " and ".join(f"{size / 2**30:.1f} GiB for the {role}'s ({layers} layers x {heads} heads)"
-                        for role, layers, heads, size in sizes)  # fmt: skip
-    note = (
-        f"{', '.join(terms)} keep every layer's T x T attention maps per head: at data.max_length {length} and "
-        f"train.micro_batch_size {micro}, {each} in {element_bytes}-byte precision, before any other activation"
-    )
-    if device_bytes is not None and total > device_bytes:
+    notes, maps = [], []
+    for term in terms:
+        if not hasattr(term, "path"):
+            continue
+        size = term.memory(micro, length, element_bytes, student_config, teacher_config)
+        if term.path == "maps":
+            maps.append(size)
+            how = "eager attention's T x T maps of every layer of both models, quadratic in T"
+        else:
+            how = "the attention kernel on captured queries and keys, both models on SDPA/flash, linear in T"
+        notes.append(
+            f"{term.name}: {term.path} path ({term.why}): {how}; {size / 2**30:.2f} GiB at data.max_length {length} "
+            f"and train.micro_batch_size {micro} in {element_bytes}-byte precision"
+        )
+    if device_bytes is not None and sum(maps) > device_bytes:
         raise ConfigError(
             recipe.source,
             "data.max_length",
-            f"{note}; the device has {device_bytes / 2**30:.1f} GiB. Lower data.max_length or "
-            "train.micro_batch_size, or use hidden-state and logit terms, which stay linear in T",
+            f"{'; '.join(n for n in notes if ': maps path' in n)}. That is {sum(maps) / 2**30:.1f} GiB of maps; the "
+            f"device has {device_bytes / 2**30:.1f} GiB. Lower data.max_length or train.micro_batch_size, use "
+            "losses.attention_path auto (linear in T where both families allow it), or hidden-state and logit terms",
         )
-    return note if total >= 2**30 else None
+    return notes
 
 
 def build_terms(losses: LossesConfig, student_config, teacher_config, source: str) -> list[LossTerm]:

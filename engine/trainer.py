@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from .config import Recipe, model_location, resolve_precision
 from .data import batches, cache, stream
 from .data.tokenise import VocabMap, recipe_tokenizer
-from .losses import DistillationModel, attention_maps_note, build_terms
+from .losses import DistillationModel, attention_notes, build_terms
 from .models.outputs import NOTHING, Needs, Outputs, encode, hidden_size
 from .models.students import build_student, student_config, teacher_config
 from .models.teacher import load_teacher, place_teacher, resident_bytes, seen_by_terms
@@ -90,7 +90,7 @@ class Trainer:
         teachers = teacher_config(r)
         students = student_config(r, teachers)
         probe = build_terms(r.losses, students, seen_by_terms(r, teachers, students), r.source)
-        self._attention_memory(students, teachers)
+        self._attention_memory(probe, students, teachers)
         student_needs = teacher_needs = Needs()
         for term in probe:
             student_needs, teacher_needs = student_needs | term.student_needs, teacher_needs | term.teacher_needs
@@ -117,14 +117,16 @@ class Trainer:
         terms = build_terms(r.losses, self.student.config, seen, r.source)
         self.model = DistillationModel(self.student, terms, [t.weight for t in r.losses.terms])
 
-    def _attention_memory(self, students, teachers) -> None:
-        """Say what attention terms hold at this length; refuse what cannot fit on this device."""
+    def _attention_memory(self, terms, students, teachers) -> None:
+        """Say which path each attention term takes and what it holds at this length; refuse maps that cannot
+        fit on this device. The lines go into summary.json too."""
         device = self.dist.device
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         element_bytes = 4 if self.recipe.train.precision == "fp32" else 2
-        note = attention_maps_note(self.recipe, students, teachers, element_bytes, total)
-        if note and self.dist.rank == 0:
-            log.warning(note)
+        self.attention_paths = attention_notes(self.recipe, terms, students, teachers, element_bytes, total)
+        if self.dist.rank == 0:
+            for note in self.attention_paths:
+                log.warning(note)
 
     def _build_engine(self) -> None:
         r = self.recipe
@@ -319,6 +321,7 @@ class Trainer:
                 "teacher_placement": r.teacher.placement if self.teacher is not None else None,
             },
             "ranks": report.resources(self.engine, self.student, pos.step, step_seconds, teacher_bytes, d),
+            "attention_terms": self.attention_paths,
             "skipped": {**pos.skips, "fp16_overflow_steps": self.engine.skipped_steps},
         }
         if r.train.export:
@@ -484,6 +487,8 @@ def _nonfinite(outputs: Outputs, device=None) -> torch.Tensor:
     nothing but a full pass over every hidden state and T x T map."""
     groups = (outputs.hidden_states, outputs.attentions, outputs.scores, outputs.logits)
     tensors = [x[-1] if isinstance(x, tuple) else x for x in groups if x is not None]
+    if outputs.captured:  # the deepest captured layer's queries (a relation-only recipe reads nothing else)
+        tensors.append(outputs.captured[max(outputs.captured)].query)
     if not tensors:
         return torch.zeros((), dtype=torch.bool, device=device)
     return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()

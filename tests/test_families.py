@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, matrix, minilm_dir, recipe_dict, write_recipe
+from conftest import REPO, matrix, metrics, minilm_dir, recipe_dict, write_recipe
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertConfig, DebertaV2Config, ModernBertConfig
 
 from biodistill.engine.config import ConfigError, Recipe, _convert, load_recipe
-from biodistill.engine.losses import DistillationModel, attention_maps_note, build_terms
-from biodistill.engine.models.outputs import Needs, encode, mlm_head, model_mask
+from biodistill.engine.losses import DistillationModel, build_terms
+from biodistill.engine.models.outputs import Needs, attn_implementation, encode, mlm_head, model_mask
 from biodistill.engine.models.published import published_config
 from biodistill.engine.models.smoke import smoke
 from biodistill.engine.models.students import build_student, check_positions, student_config
@@ -161,8 +161,10 @@ def pairs_for(family):
     return [[1, 4], [2, 3]] if family == "modernbert" else [[1, 2], [2, 4]]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_term_against_float64_from_the_familys_outputs(family):
+@pytest.mark.parametrize("family, path", [("modernbert", "auto"), ("modernbert", "maps"), ("deberta-v2", "auto")])
+def test_every_term_against_float64_from_the_familys_outputs(family, path):
+    """ModernBERT's attention terms take the fused path (its post-RoPE queries and keys captured under SDPA)
+    unless told otherwise; DeBERTa's always read the maps. Either way, the family's own maps agree."""
     student, teacher, b = model(family, 2, seed=1), model(family, 4), batch()
     attn = pairs_for(family)
     specs = [
@@ -173,12 +175,18 @@ def test_every_term_against_float64_from_the_familys_outputs(family):
         {"kind": "attention_mse", "layer_map": attn},
         {"kind": "attention_score_mse", "layer_map": attn},
     ]
-    terms = terms_for(specs, student.config, teacher.config)
+    terms = terms_for(specs, student.config, teacher.config, path)
+    assert {t.path for t in terms if hasattr(t, "path")} == {
+        "fused" if (family, path) == ("modernbert", "auto") else "maps"
+    }
     dm = DistillationModel(student, terms, [1.0] * len(terms))
+    for m, needs in ((student, dm.student_needs), (teacher, dm.teacher_needs)):  # as the engine builds them
+        m.set_attn_implementation(attn_implementation(needs, m.config) or "eager")
     mask = b["attention_mask"]
     with torch.no_grad():
         t = encode(teacher, b["input_ids"], mask, dm.teacher_needs, b["rows"])
         _, values, _ = dm(b, t)
+        student.set_attn_implementation("eager"), teacher.set_attn_implementation("eager")  # the maps, below
         so = student(input_ids=b["input_ids"], attention_mask=mask, output_hidden_states=True, output_attentions=True)
         to = teacher(input_ids=b["input_ids"], attention_mask=mask, output_hidden_states=True, output_attentions=True)
         s_scores = reference_scores(family, student, so.hidden_states, mask)
@@ -204,8 +212,8 @@ def test_every_term_against_float64_from_the_familys_outputs(family):
     assert (expected > 1e-2).all()  # no term is trivially zero
 
 
-def terms_for(specs, student_config, teacher_config):
-    raw = {"temperature": 2.0, "terms": [{"weight": 1.0, **s} for s in specs]}
+def terms_for(specs, student_config, teacher_config, path="auto"):
+    raw = {"temperature": 2.0, "attention_path": path, "terms": [{"weight": 1.0, **s} for s in specs]}
     return build_terms(_convert(Recipe, {"losses": raw}, "", "t.yaml", {}).losses, student_config, teacher_config, "t")
 
 
@@ -363,28 +371,6 @@ def test_smoke_keeps_the_layer_kinds_and_a_real_window(tmp_path):
     assert student_config(small, teacher).layer_types == [F_, S_, S_]
 
 
-def test_attention_terms_say_what_long_sequences_need():
-    teacher = published_config("thomas-sounack/BioClinical-ModernBERT-base")
-    student = student_config(_with(teacher_layers=[0, 3, 6, 9, 12, 15]), teacher)
-
-    def note(terms, length, device=None, micro=4):
-        r = _with(teacher_layers=[0, 3], terms=terms, max_length=length, micro=micro)
-        return attention_maps_note(r, student, teacher, 2, device)
-
-    kl = [{"kind": "attention_kl", "layer_map": "last"}]
-    assert note([{"kind": "hidden_cosine", "layer_map": "last"}], 8192) is None  # linear in T: nothing to say
-    assert note(kl, 128) is None  # 0.03 GiB: not worth a line
-    assert note(kl, 8192) == (
-        "attention_kl keep every layer's T x T attention maps per head: at data.max_length 8192 and "
-        "train.micro_batch_size 4, 132.0 GiB for the teacher's (22 layers x 12 heads) and 36.0 GiB for the "
-        "student's (6 layers x 12 heads) in 2-byte precision, before any other activation"
-    )
-    with pytest.raises(ConfigError) as e:
-        note(kl, 8192, device=141 * 2**30)
-    assert e.value.key == "data.max_length" and "the device has 141.0 GiB" in e.value.message
-    assert note(kl, 2048, device=141 * 2**30, micro=2).startswith("attention_kl keep")  # 5.2 GiB: fits, said
-
-
 def test_modernbert_takes_sequences_up_to_its_8k_positions():
     modern, deberta = (published_config(n) for n in ("answerdotai/ModernBERT-base", "microsoft/deberta-v3-base"))
     long = _with(teacher_layers=[0, 3], max_length=8192)
@@ -409,22 +395,42 @@ def _with(teacher_layers, terms=(), max_length=128, micro=4) -> Recipe:
 @pytest.mark.multirank
 def test_a_two_rank_job_per_family_learns_its_teacher(teachers, tiny_corpus, tmp_path):
     """One launch, a run per family: a random 2-layer student learns the 5-layer teacher's last hidden state,
-    attention maps and pre-softmax scores under ZeRO-2 on 2 ranks, its held-out loss and every term falling."""
+    attention maps and pre-softmax scores under ZeRO-2 on 2 ranks, its held-out loss and every term falling.
+    ModernBERT runs twice, on the fused path (captured post-RoPE queries and keys, SDPA) and on the maps path
+    (eager attention's maps and scores): these models have no dropout, so the 20 steps' every logged loss
+    is the same on both, to 1e-5. DeBERTa takes the maps path."""
     pairs = [[1, 4], [2, 5]]  # ModernBERT: global <-> global, local <-> local
     terms = [
         {"kind": "hidden_cosine", "weight": 1.0, "layer_map": "last"},
         {"kind": "attention_kl", "weight": 1.0, "layer_map": pairs},
+        {"kind": "attention_mse", "weight": 1.0, "layer_map": pairs},
         {"kind": "attention_score_mse", "weight": 0.1, "layer_map": pairs},
     ]
     raw = recipe_dict(
         teachers["modernbert"], tiny_corpus, tmp_path, terms,
         student={"init": "config", "overrides": {"num_hidden_layers": 2}},
-        train={"max_steps": 12, "log_every": 4, "export": False},
+        train={"max_steps": 20, "log_every": 1, "export": False},
     )  # fmt: skip
-    settings = {"modernbert": [], "deberta": ["--teacher.path", str(teachers["deberta-v2"])]}
+    settings = {
+        "modernbert": [],
+        "modernbert-maps": ["--losses.attention_path", "maps"],
+        "deberta": ["--teacher.path", str(teachers["deberta-v2"])],
+    }
     results = matrix(write_recipe(tmp_path / "r.yaml", raw), tmp_path / "out.json", settings)
+    paths = {name: [line.split(": ")[1].split(" (")[0] for line in s["attention_terms"]] for name, s in results.items()}
+    assert paths == {
+        "modernbert": ["fused path"] * 3,
+        "modernbert-maps": ["maps path"] * 3,
+        "deberta": ["maps path"] * 3,
+    }
+    fused, maps = (metrics(tmp_path / "out.json.d" / name) for name in ("modernbert", "modernbert-maps"))
+    assert len(fused) == len(maps) == 20
+    losses = ["loss", "hidden_cosine", "attention_kl", "attention_mse", "attention_score_mse"]
+    for a, b in zip(fused, maps):
+        for key in losses:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
     for name, s in results.items():
-        assert s["job"]["world_size"] == 2 and s["steps"] == 12, name
+        assert s["job"]["world_size"] == 2 and s["steps"] == 20, name
         before, after = s["before"], s["after"]
         for key in ("loss/total", "loss/hidden_cosine", "loss/attention_kl", "loss/attention_score_mse"):
             assert after[key] < before[key], (name, key, before[key], after[key])

@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from biodistill.engine.config import ConfigError, LossesConfig, LossTermConfig
 from biodistill.engine.losses import DistillationModel, build_terms
-from biodistill.engine.models.outputs import Needs, encode
+from biodistill.engine.models.outputs import Needs, attn_implementation, encode
 from biodistill.kernels.ops import temperature_kl
 
 
@@ -82,7 +82,15 @@ def terms_for(specs, student, teacher, **losses):
     return build_terms(cfg, student.config, teacher.config, "test.yaml")
 
 
-def test_every_term_matches_an_independent_computation():
+def attend_as_built(model: DistillationModel, student, teacher):
+    """Give both models the attention the engine builds them with for these terms (eager for the maps path,
+    the capturing SDPA for the fused one)."""
+    for m, needs in ((student, model.student_needs), (teacher, model.teacher_needs)):
+        m.set_attn_implementation(attn_implementation(needs, m.config) or "sdpa")
+
+
+@pytest.mark.parametrize("path", ["maps", "fused"])
+def test_every_term_matches_an_independent_computation(path):
     student, teacher, b = bert(2, 32), bert(4, 32, seed=1), batch()
     specs = [
         {"kind": "mlm"},
@@ -92,11 +100,18 @@ def test_every_term_matches_an_independent_computation():
         {"kind": "attention_kl", "layer_map": "last"},
         {"kind": "attention_mse", "layer_map": [[1, 2]]},
     ]
-    model = DistillationModel(student, terms_for(specs, student, teacher), [2.0, 5.0, 1.0, 1.0, 1.0, 1.0])
-    assert model.student_needs == Needs(True, True, True) and model.teacher_needs == Needs(True, True, True)
+    terms = terms_for(specs, student, teacher, attention_path=path)
+    model = DistillationModel(student, terms, [2.0, 5.0, 1.0, 1.0, 1.0, 1.0])
+    if path == "maps":
+        assert model.student_needs == Needs(True, True, True) and model.teacher_needs == Needs(True, True, True)
+    else:  # the layers' queries and keys instead of every layer's maps
+        assert model.student_needs == Needs(True, True, queries_keys=frozenset({0, 1}))
+        assert model.teacher_needs == Needs(True, True, queries_keys=frozenset({1, 3}))
+    attend_as_built(model, student, teacher)
     with torch.no_grad():
         t = encode(teacher, b["input_ids"], b["attention_mask"], model.teacher_needs, b["rows"])
         loss, values, _ = model(b, t)
+        student.set_attn_implementation("eager"), teacher.set_attn_implementation("eager")  # the maps, below
         so = student(
             b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True, output_attentions=True
         )
@@ -195,12 +210,15 @@ def scores_float64(model, hidden_states, mask, heads):
     return out
 
 
-def test_tinybert_terms_match_an_independent_computation():
+@pytest.mark.parametrize("path", ["maps", "fused"])
+def test_tinybert_terms_match_an_independent_computation(path):
     """soft_ce (T=2) and attention_score_mse against float64 recomputations, padded queries excluded."""
     student, teacher, b = bert(2, 32), bert(4, 32, seed=1), batch()
     specs = [{"kind": "soft_ce", "temperature": 2.0}, {"kind": "attention_score_mse", "layer_map": [[1, 2], [2, 4]]}]
-    model = DistillationModel(student, terms_for(specs, student, teacher), [1.0, 1.0])
-    assert model.student_needs == Needs(logits=True, scores=True)
+    model = DistillationModel(student, terms_for(specs, student, teacher, attention_path=path), [1.0, 1.0])
+    scores = {"scores": True} if path == "maps" else {"queries_keys": frozenset({0, 1})}
+    assert model.student_needs == Needs(logits=True, **scores)
+    attend_as_built(model, student, teacher)
     with torch.no_grad():
         t = encode(teacher, b["input_ids"], b["attention_mask"], model.teacher_needs, b["rows"])
         _, values, _ = model(b, t)

@@ -47,6 +47,9 @@ PARAMS = {
     # Not published models: the example recipes of the modern families.
     "bioclinical-modernbert-6l": (68.773632, 1e-9, (6, 768, 12, 50368), "6 of ModernBERT-base's 22 layers"),
     "deberta-v3-6l": (141.30432, 1e-9, (6, 768, 12, 128100), "6 of DeBERTa-v3-base's 12 layers"),
+    # MiniLMv2's relation distillation: MiniLM-L6-H384's shape on BioBERT's cased vocabulary, 22,127,232 by hand:
+    # embeddings (28,996 + 512 + 2) x 384 + LN, 6 x 1,774,464 a layer, the pooler 384 x 385.
+    "biominilm-l6-h384": (22.127232, 1e-9, (6, 384, 12, 28996), "6-layer / 384 BERT, cased vocab"),
 }
 
 

@@ -44,6 +44,7 @@ from transformers.modeling_outputs import (
 )
 
 from ...kernels.ops import bottleneck_adapter
+from .attention import attend
 
 
 class MiniAlbertConfig(PretrainedConfig):
@@ -138,6 +139,8 @@ class MiniAlbertEmbeddings(nn.Module):
 
 
 class MiniAlbertAttention(nn.Module):
+    is_causal = False  # read by the SDPA wrapper: an encoder
+
     def __init__(self, config: MiniAlbertConfig):
         super().__init__()
         h = config.hidden_size
@@ -156,10 +159,11 @@ class MiniAlbertAttention(nn.Module):
         if output_attentions:  # the probabilities are an output: compute them explicitly
             probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + bias, dim=-1)
             context = self.attention_dropout(probs) @ v
-        else:
+            context = context.transpose(1, 2)
+        else:  # SDPA through the engine's attention function, which captures q, k, v for the attention terms
             p = self.attention_dropout.p if self.training else 0.0
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
-        context = context.transpose(1, 2).reshape(b, t, h)
+            context, _ = attend(self, q, k, v, bias.to(q.dtype), dropout=p)
+        context = context.reshape(b, t, h)
         return self.LayerNorm(x + self.output_dropout(self.dense(context))), probs
 
 

@@ -1,7 +1,8 @@
-"""What the engine asks of a Hugging Face encoder: hidden states, attention maps (post-softmax, or the
-pre-softmax scores TinyBERT matches, as each family's own attention computes them), and LM-head logits at
-selected rows only. The per-family knowledge lives in the tables below, keyed by ``model_type``: a family
-missing from one fails at start, by name, never silently.
+"""What the engine asks of a Hugging Face encoder: hidden states, each attention layer's queries, keys and
+values (models/attention.py captures them while SDPA runs), attention maps (post-softmax, or the pre-softmax
+scores TinyBERT matches, as each family's own attention computes them: the path that needs eager attention),
+and LM-head logits at selected rows only. The per-family knowledge lives in the tables below, keyed by
+``model_type``: a family missing from one fails at start, by name, never silently.
 
 Running the LM head over every token builds an N x V logit tensor (8 x 256 tokens x 29k vocab is 240 MB
 in fp32 per model); the published recipes only use logits at the MLM-masked rows, about 15% of them.
@@ -11,7 +12,7 @@ So we run the model's body, gather the rows, and apply the head to those rows al
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import minialbert  # noqa: F401  (registers MiniALBERT with the Auto classes)
+from .attention import NAME as CAPTURING_ATTENTION
+from .attention import Capture, Captured, capturing
 
 
 @dataclass(frozen=True)
@@ -28,14 +31,13 @@ class Needs:
 
     logits: bool = False
     hidden_states: bool = False
-    attentions: bool = False
-    scores: bool = False  # pre-softmax attention scores
+    attentions: bool = False  # every layer's maps: eager attention
+    scores: bool = False  # every layer's pre-softmax attention scores
+    queries_keys: frozenset[int] = frozenset()  # attention layers (0-based) whose queries and keys are captured
+    values: frozenset[int] = frozenset()  # ... and whose values too
 
     def __or__(self, other: Needs) -> Needs:
-        return Needs(*(a or b for a, b in zip(self.astuple(), other.astuple())))
-
-    def astuple(self) -> tuple[bool, ...]:
-        return (self.logits, self.hidden_states, self.attentions, self.scores)
+        return Needs(*(getattr(self, f.name) | getattr(other, f.name) for f in fields(self)))
 
 
 NOTHING = Needs()
@@ -47,6 +49,7 @@ class Outputs:
     attentions: Optional[tuple[torch.Tensor, ...]] = None  # L x [B, heads, T, T], post-softmax
     logits: Optional[torch.Tensor] = None  # [rows, V] at the selected rows only
     scores: Optional[tuple[torch.Tensor, ...]] = None  # L x [B, heads, T, T], QK^T/sqrt(d), padded keys 0
+    captured: Optional[dict[int, Captured]] = None  # attention layer (0-based) -> its [B, heads, T, d] q, k, v
 
 
 # model_type -> the MLM head as a callable on [rows, H] hidden states. An explicit table: a model type
@@ -111,18 +114,26 @@ def encode(
     ``padded`` (known on the host, from the collator) says whether any token is padding; see model_mask.
     """
     tap = score_tap(model) if needs.scores else None
+    capture = Capture(needs.queries_keys, needs.values) if needs.queries_keys else None
     try:
-        out = model.base_model(
-            input_ids=input_ids,
-            attention_mask=model_mask(model, attention_mask, padded),
-            output_hidden_states=needs.hidden_states,
-            output_attentions=needs.attentions,
-            return_dict=True,
-        )
+        with capturing(capture):
+            out = model.base_model(
+                input_ids=input_ids,
+                attention_mask=model_mask(model, attention_mask, padded),
+                output_hidden_states=needs.hidden_states,
+                output_attentions=needs.attentions,
+                return_dict=True,
+            )
         scores = tap.scores(attention_mask) if tap is not None else None
     finally:
         if tap is not None:
             tap.close()
+    if capture is not None and capture.calls != num_layers(model.config):
+        raise RuntimeError(
+            f"{model.config.model_type}: {capture.calls} attention layer(s) reached the capturing attention "
+            f"function, of {num_layers(model.config)}; the model was not built with attn_implementation "
+            f"{CAPTURING_ATTENTION!r} (models/outputs.py, attn_implementation)"
+        )
     logits = None
     if needs.logits:
         if rows is None:
@@ -134,6 +145,7 @@ def encode(
         attentions=out.attentions if needs.attentions else None,
         logits=logits,
         scores=scores,
+        captured=capture.layer if capture is not None else None,
     )
 
 
@@ -322,12 +334,22 @@ _SCORE_DEFINITIONS = {
 }
 
 
+# Families whose attention layers call transformers' AttentionInterface (MiniALBERT calls models/attention.py's
+# function itself): their queries, keys and values can be captured while SDPA runs. Not DeBERTa-v2/v3, whose
+# disentangled attention computes its own scores.
+_INTERFACE_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mobilebert", "albert", "electra", "modernbert"}
+)
+CAPTURE_TYPES = _INTERFACE_TYPES | {"minialbert"}
+
+
 def attn_implementation(needs: Needs, config) -> Optional[str]:
-    """ "eager" when a term needs what only eager attention holds, else None (the model's default: SDPA,
-    or flash). SDPA and flash never materialise the probabilities, nor the scores a family's softmax reads."""
+    """ "eager" when a term needs what only eager attention holds (SDPA and flash never materialise the
+    probabilities, nor the scores a family's softmax reads); else the capturing SDPA of models/attention.py for
+    the families that call their attention through transformers' interface; else None (the model's default)."""
     if needs.attentions or (needs.scores and config.model_type in _SOFTMAX_INPUTS):
         return "eager"
-    return None
+    return CAPTURING_ATTENTION if config.model_type in _INTERFACE_TYPES else None
 
 
 def num_layers(config) -> int:
@@ -340,6 +362,12 @@ def hidden_size(config) -> int:
 
 def num_heads(config) -> int:
     return config.num_attention_heads
+
+
+def attention_width(config) -> int:
+    """The width of a layer's queries, keys and values, all heads together: MobileBERT attends in its
+    bottleneck width (``true_hidden_size``), every other family in its hidden width."""
+    return getattr(config, "true_hidden_size", None) or hidden_size(config)
 
 
 # RoBERTa's position ids start after the padding index: 514 embeddings hold 512 tokens.

@@ -1,9 +1,9 @@
 """``--smoke``: any recipe, shrunk until it runs end to end on a CPU in a minute, its structure kept.
 
-Kept: the loss terms, their weights and temperatures; the shape of every layer map ("student i <->
-teacher 2i" stays that); the initialisation rule (teacher layers 2i or 2i+1, random init, or continuing
-a checkpoint); each model's family (BERT, DistilBERT, MobileBERT) and head counts; the optimiser,
-precision and ZeRO settings.
+Kept: the loss terms, their weights and temperatures (relation heads shrink with the widths); the shape
+of every layer map ("student i <-> teacher 2i" stays that); the initialisation rule (teacher layers 2i or
+2i+1, random init, or continuing a checkpoint); each model's family (BERT, DistilBERT, MobileBERT) and head
+counts; the optimiser, precision and ZeRO settings.
 Shrunk: teacher and student depths halved together; widths divided by 16 (rounded to the head count);
 the vocabulary replaced by the bundled MiniLM WordPiece tokenizer's; the corpus replaced by the bundled
 sample; 10 steps of 4 sequences of 64 tokens per rank.
@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ConfigError, Recipe, resolve_path
+from .outputs import attention_width
 from .published import published_config
 from .students import load_config, select_layers, student_config
 
@@ -93,9 +95,14 @@ def smoke(recipe: Recipe, full_size: bool = False) -> Recipe:
         len(r.student.teacher_layers) if r.student.init == "teacher_layers" else student_shape.num_hidden_layers
     )
     teacher_depth = teacher_shape.num_hidden_layers if teacher_shape is not None else student_depth
+    widths = [attention_width(c) for c in (student_shape, teacher_shape) if c is not None]
     for term in r.losses.terms:
         if not isinstance(term.layer_map, str):
-            term.layer_map = [[s, t] for s, t in term.layer_map if s <= student_depth and t <= teacher_depth]
+            fits = [[s, t] for s, t in term.layer_map if s <= student_depth and t <= teacher_depth]
+            # none fits (one deep pair, as MiniLMv2's [[6, 21]]): the deepest pair there is
+            term.layer_map = fits or [[min(s, student_depth), min(t, teacher_depth)] for s, t in term.layer_map[-1:]]
+        if term.relation_heads:  # fewer relation heads for the narrower models, still dividing both widths
+            term.relation_heads = math.gcd(max(1, term.relation_heads // divisors[1]), *widths)
 
     r.name = f"{r.name}-smoke"
     r.data = dataclasses.replace(

@@ -48,8 +48,8 @@ def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn
     kwargs = {"dtype": teacher_dtype(recipe, device)}
     cls = AutoModelForMaskedLM if needs.logits else AutoModel
     try:
-        if attn_implementation(needs, AutoConfig.from_pretrained(location)):
-            kwargs["attn_implementation"] = "eager"
+        if implementation := attn_implementation(needs, AutoConfig.from_pretrained(location)):
+            kwargs["attn_implementation"] = implementation
         model, info = cls.from_pretrained(location, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(recipe.source, "teacher.path", hub.load_error(recipe.teacher.path, e)) from None
