@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # prefix, decided when a target runs: before make install there may be no torch to ask).
 DS_ACCELERATOR = DS_ACCELERATOR=$$($(PYTHON) -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 
-.PHONY: install constraints upgrade-check demo eval-demo test lint bench-deploy bench-overhead bench-data bench-placement bench-kernels gpu-check
+.PHONY: install constraints upgrade-check demo eval-demo test lint bench-deploy bench-overhead bench-data bench-placement bench-attention bench-kernels gpu-check
 
 install:
 	# Under constraints.txt: the exact versions the suite last passed with, whatever PyPI serves today.
@@ -59,14 +59,21 @@ bench-data: install
 bench-placement: install
 	$(PYTHON) -m biodistill.engine.bench.placement --ranks 2 --steps 12
 
+# Attention terms as real jobs: the fused path against eager attention's maps (BENCHMARKS.md, "Attention without maps")
+bench-attention: install
+	$(DS_ACCELERATOR) $(PYTHON) -m biodistill.engine.bench.attention equal
+	$(DS_ACCELERATOR) $(PYTHON) -m biodistill.engine.bench.attention long
+	$(DS_ACCELERATOR) $(PYTHON) -m biodistill.engine.bench.attention recipes
+
 bench-kernels: install
 	$(PIP) install -q -e ".[bench]"  # Liger-Kernel, a comparison row in the KL table
 	$(PYTHON) -m biodistill.kernels.bench kl
 	$(PYTHON) -m biodistill.kernels.bench adapter
 	$(PYTHON) -m biodistill.kernels.bench step
+	$(PYTHON) -m biodistill.kernels.bench attention
 
 # Everything a GPU has to say, as a dated section of BENCHMARKS.md (engine/bench/gpu_check.py): GPU tests,
-# kernel resources and benchmarks, full-size DistilBioBERT / CompactBioBERT steps. Within 8 minutes on one
+# kernel resources and benchmarks, full-size DistilBioBERT / CompactBioBERT steps. Within 10 minutes on one
 # H200. Not after `install`: a GPU machine keeps its own CUDA torch (and may have no network: see
 # BENCHMARKS.md, "GPU check"). DRY_RUN=1 runs the same plumbing on a CPU at tiny sizes.
 gpu-check:

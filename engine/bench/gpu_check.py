@@ -1,7 +1,7 @@
 """``make gpu-check``: what a GPU has to say about this engine, in one command, kept as a dated section of
 BENCHMARKS.md.
 
-    make gpu-check              # a CUDA machine: within 8 minutes on one H200
+    make gpu-check              # a CUDA machine: within 10 minutes on one H200
     make gpu-check DRY_RUN=1    # the same plumbing on a CPU at tiny sizes, into runs/gpu-check/dry-run.md
 
 Each step is a subprocess with its own time limit, all within ``--budget`` seconds; a step that fails or runs
@@ -9,9 +9,12 @@ out of time is reported as such and the others still run:
 
   1. the GPU-marked tests: ``pytest -m gpu`` with compiled kernels (TRITON_INTERPRET=0);
   2. ``kernels.inspect``: every kernel compiled for sm_80 / sm_90, registers and spills;
-  3. the kernel microbenchmarks: ``kernels.bench kl``, ``adapter``, ``step`` (MiniALBERT);
+  3. the kernel microbenchmarks: ``kernels.bench kl``, ``adapter``, ``step`` (MiniALBERT), ``attention``
+     (attention KL without maps against the materialised maps and torch.compile, T = 512 to 8,192);
   4. ``engine.bench.step``: full-size DistilBioBERT and CompactBioBERT steps (bf16, 24 x 256), tokens/s,
-     MFU by FLOP count, peak memory, the teacher's share, fused kernels against BIODISTILL_KERNELS=reference.
+     MFU by FLOP count, peak memory, the teacher's share, fused kernels against BIODISTILL_KERNELS=reference;
+  5. ``engine.bench.attention recipes``: full-size CompactBioBERT and TinyBioBERT steps (8 x 512), the fused
+     attention path against eager attention's maps: step time and peak memory.
 
 The section (date, device, versions, commit, then each step's command, status, time and output) is added
 to the end of ``--out`` by writing a whole new file and renaming it over the old: a run cut short leaves
@@ -57,7 +60,7 @@ def steps(dry_run: bool) -> list[Step]:
         Step(
             "Kernel resources (kernels.inspect)",
             [*py, "biodistill.kernels.inspect", *(["--only", "adapter", "--arch", "90"] if dry_run else [])],
-            60,
+            120,
             compiled,
         ),
         Step("Fused temperature KL (kernels.bench kl)", [*py, "biodistill.kernels.bench", "kl", *small], 120),
@@ -70,9 +73,19 @@ def steps(dry_run: bool) -> list[Step]:
             60,
         ),
         Step(
+            "Attention KL without maps (kernels.bench attention)",
+            [*py, "biodistill.kernels.bench", "attention", *small],
+            90,
+        ),
+        Step(
             "Full-size distillation steps (engine.bench.step)",
             [*py, "biodistill.engine.bench.step", *(["--dry-run"] if dry_run else [])],
             180,
+        ),
+        Step(
+            "Attention terms, fused path against the maps (engine.bench.attention recipes)",
+            [*py, "biodistill.engine.bench.attention", "recipes", *(["--dry-run"] if dry_run else [])],
+            150,
         ),
     ]
 
@@ -139,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="the Markdown file the section goes to (default BENCHMARKS.md; dry run: "
                         "runs/gpu-check/dry-run.md)")  # fmt: skip
     parser.add_argument("--logs", default="runs/gpu-check", help="each step's full output")
-    parser.add_argument("--budget", type=float, default=470, help="seconds for all steps together")
+    parser.add_argument("--budget", type=float, default=590, help="seconds for all steps together")
     args = parser.parse_args(argv)
     if not (REPO / "tests" / "conftest.py").is_file():
         print(f"gpu-check: run it at the repository's root (no tests/ under {REPO})", file=sys.stderr)
