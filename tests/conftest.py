@@ -10,6 +10,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -245,8 +246,6 @@ def dropout_job(tmp_path_factory, tiny_corpus):
 
 def reached(proc: subprocess.Popen, run: Path, step: int, log: Path, timeout: float = 300) -> None:
     """Wait until the job ``proc`` (logging to ``log``) has logged training step ``step`` in ``run``."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(run)):
