@@ -410,6 +410,7 @@ def fused_attention_divergence(
         raise TypeError(
             "the fused attention kernel takes fp32, fp16 or bf16 inputs (the float64 path is the reference)"
         )
+    key_mask, rows = (m.contiguous() if m is not None else None for m in (key_mask, rows))  # read as [B, T] rows
     return AttentionDivergenceFunction.apply(
         q_s, k_s, q_t.detach(), k_t.detach(), key_mask, rows, kind, window, float(scale_s), float(scale_t)
     )

@@ -183,3 +183,25 @@ def test_dispatch_and_argument_errors():
         attention_divergence(q_s, k_s, q_t, k_t, "js")
     with pytest.raises(ValueError, match="window must be >= 0"):
         attention_divergence(q_s, k_s, q_t, k_t, window=-1)
+
+
+# On a GPU: the compiled kernel at full size, against the float64 definition computed on the same device.
+# fp32 inputs multiply in TF32 there (kernels/attention.py, tile_config), hence their looser tolerance.
+GPU_RTOL = {torch.float32: 5e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind, window", [("kl_floor", None), ("kl", 128), ("mse", None), ("score_mse", None)])
+def test_compiled_kernel_at_full_size(dtype, kind, window):
+    B, H, T = 2, 12, 2048
+    q_s, k_s, q_t, k_t, mask = (x.cuda() for x in inputs(B, H, T, 64, 64, dtype, dtype, seed=5))
+    rows = mask.clone()
+    grad = torch.rand(B, H, T, dtype=torch.float64, device="cuda")
+    kw = dict(key_mask=mask, rows=rows, window=window)
+    want = exact(q_s, k_s, q_t, k_t, kind, grad, **kw)
+    got = run(fused_attention_divergence, q_s, k_s, q_t, k_t, kind, grad, **kw)
+    for what, mine, theirs in zip(("loss", "dq", "dk"), got, want):
+        scale = theirs.abs().max().item()
+        err = (mine.double() - theirs).abs().max().item()
+        assert err <= GPU_RTOL[dtype] * scale, f"{what}: max error {err:.3e} against max |value| {scale:.3e}"

@@ -220,7 +220,9 @@ def test_engine_outputs_and_attention_scores_of_the_shared_layer():
 @pytest.mark.multirank
 def test_distils_under_zero3_with_the_fused_adapters(tmp_path, monkeypatch):
     """The miniALBERT recipe (smoke) on 2 ranks, ZeRO-3, adapters through the Triton kernel (interpreter):
-    the adapters read their children's weights directly, which ZeRO-3 must gather for them."""
+    the adapters read their children's weights directly, which ZeRO-3 must gather for them. Its attention terms
+    read eager attention's maps here: BIODISTILL_KERNELS=triton would send them through the attention kernel
+    under the interpreter too, minutes a step (tests/test_kernel_attention.py covers that kernel)."""
     import yaml
     from conftest import REPO, launch, summary
 
@@ -229,7 +231,9 @@ def test_distils_under_zero3_with_the_fused_adapters(tmp_path, monkeypatch):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("BIODISTILL_KERNELS", "triton")
-    proc = launch(recipe, "--smoke", "--deepspeed.zero_stage", "3", "--train.max_steps", "4")
+    proc = launch(
+        recipe, "--smoke", "--deepspeed.zero_stage", "3", "--train.max_steps", "4", "--losses.attention_path", "maps"
+    )
     assert proc.returncode == 0
     s = summary(tmp_path / "run-smoke" / "run")
     assert s["job"]["zero_stage"] == 3 and s["after"]["loss/total"] < s["before"]["loss/total"]
