@@ -399,13 +399,12 @@ def attention_notes(recipe, terms: list[LossTerm], student_config, teacher_confi
     alone outgrow ``device_bytes``. The maps path is quadratic in T (eager attention materialises every layer's
     ``[B, heads, T, T]`` of both models: at ModernBERT's 8k positions, hundreds of GiB); the fused path is linear."""
     micro, length = recipe.train.micro_batch_size, recipe.data.max_length
-    notes, maps = [], []
+    notes, maps_notes, maps = [], [], {}
     for term in terms:
-        if not hasattr(term, "path"):
+        if not isinstance(term, (_AttentionTerm, RelationKL)):
             continue
         size = term.memory(micro, length, element_bytes, student_config, teacher_config)
         if term.path == "maps":
-            maps.append(size)
             how = "eager attention's T x T maps of every layer of both models, quadratic in T"
         else:
             how = "the attention kernel on captured queries and keys, both models on SDPA/flash, linear in T"
@@ -413,12 +412,15 @@ def attention_notes(recipe, terms: list[LossTerm], student_config, teacher_confi
             f"{term.name}: {term.path} path ({term.why}): {how}; {size / 2**30:.2f} GiB at data.max_length {length} "
             f"and train.micro_batch_size {micro} in {element_bytes}-byte precision"
         )
-    if device_bytes is not None and sum(maps) > device_bytes:
+        if term.path == "maps":
+            maps_notes.append(notes[-1])
+            maps[term.source] = size  # terms reading the same maps (or scores) share one set
+    if device_bytes is not None and sum(maps.values()) > device_bytes:
         raise ConfigError(
             recipe.source,
             "data.max_length",
-            f"{'; '.join(n for n in notes if ': maps path' in n)}. That is {sum(maps) / 2**30:.1f} GiB of maps; the "
-            f"device has {device_bytes / 2**30:.1f} GiB. Lower data.max_length or train.micro_batch_size, use "
+            f"{'; '.join(maps_notes)}. That is {sum(maps.values()) / 2**30:.1f} GiB of maps; the device has "
+            f"{device_bytes / 2**30:.1f} GiB. Lower data.max_length or train.micro_batch_size, use "
             "losses.attention_path auto (linear in T where both families allow it), or hidden-state and logit terms",
         )
     return notes

@@ -195,6 +195,12 @@ def test_modernbert_at_8k_tokens_starts_on_the_fused_path():
     with pytest.raises(ConfigError) as e:
         attention_notes(recipe, terms, student, teacher, 2, device_bytes=141 * 2**30)
     assert e.value.key == "data.max_length" and "168.0 GiB of maps; the device has 141.0 GiB" in e.value.message
+    # a second term on the same maps holds no second set: the refusal counts them once
+    recipe.losses.terms.append(LossTermConfig(kind="attention_mse", layer_map="last"))
+    terms = build_terms(recipe.losses, student, teacher, "r.yaml")
+    with pytest.raises(ConfigError) as e:
+        attention_notes(recipe, terms, student, teacher, 2, device_bytes=141 * 2**30)
+    assert "attention_mse: maps path" in e.value.message and "168.0 GiB of maps" in e.value.message
 
 
 class _Largest(TorchDispatchMode):

@@ -12,8 +12,9 @@ student training with attention dropout (BERT's 0.1) falls back to the math path
 ``[B, heads, T, T]`` scores, probabilities, dropout mask and dropped probabilities for backward in every layer:
 measured here, 1.06 GiB per layer at 2 x 2 heads x 4,096 tokens against 28 MiB without dropout. So on a CPU,
 with dropout, a layer whose map would exceed BLOCKED_ABOVE runs in blocks of query rows, each recomputed in
-backward from the RNG state it started from (so with the same dropout mask): memory linear in T. GPUs keep plain SDPA (flash and memory-efficient attention apply dropout in their tiles), and so
-do smaller maps (the demo's), where the result is SDPA's to the bit.
+backward from the RNG state it started from (so with the same dropout mask): memory linear in T. GPUs keep plain
+SDPA (flash and memory-efficient attention apply dropout in their tiles), and so do smaller maps (the demo's),
+where the result is SDPA's to the bit.
 """
 
 from __future__ import annotations
