@@ -183,17 +183,17 @@ def launch(
     return proc
 
 
-def matrix(recipe: Path, out: Path, settings: dict[str, list[str]], *flags: str) -> dict:
-    """One real 2-rank job training ``recipe`` under each of ``settings`` (name -> overrides) in turn
-    (tests/jobs/matrix.py): one launch for many runs. Returns each run's summary; each run's files lie in
-    ``<out>.d/<name>``."""
+def matrix(recipe: Path | None, out: Path, settings: dict[str, list[str]], *flags: str) -> dict:
+    """One real 2-rank job training ``recipe`` under each of ``settings`` (name -> overrides; a setting may name
+    its own ``--config`` and ``--smoke``) in turn (tests/jobs/matrix.py): one launch for many runs. Returns each
+    run's summary, with its ``output_dir`` (``<out>.d/<name>``, or the smoke version's)."""
     cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd += [str(REPO / "tests" / "jobs" / "matrix.py"), "--config", str(recipe), "--out", str(out), *flags]
+    cmd += [str(REPO / "tests" / "jobs" / "matrix.py"), "--out", str(out), *flags]
+    cmd += ["--config", str(recipe)] if recipe is not None else []
     for name, overrides in settings.items():
         cmd += ["--run", name, *overrides]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
     with shm_released():
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 

@@ -3,11 +3,12 @@ under --smoke, and runs end to end under a real 2-rank DeepSpeed launch with its
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from conftest import REPO, csv_metric, launch, summary
+from conftest import REPO, csv_metric, matrix
 from transformers import AutoConfig, AutoModel
 
 from biodistill.engine.config import ConfigError, load_recipe
@@ -180,17 +181,20 @@ def test_distilbiobert_loss_is_the_published_formula():
 # ------------------------------------------------------------------------------------- multirank
 
 
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Every published recipe's smoke version, trained in turn by one real 2-rank DeepSpeed job
+    (tests/jobs/matrix.py: the entry point's start-up checks, then the Trainer, per recipe): one launch
+    instead of one per recipe, each of which cost ~17 s of imports and start-up here."""
+    tmp = tmp_path_factory.mktemp("recipes")
+    return matrix(None, tmp / "out.json", {p.stem: ["--config", str(p), "--smoke"] for p in PUBLISHED})
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("path", PUBLISHED, ids=ids)
-def test_recipe_smoke_runs_on_two_ranks(path, tmp_path):
-    raw = yaml.safe_load(path.read_text())
-    raw["train"]["output_dir"] = str(tmp_path / "run")
-    recipe = tmp_path / path.name
-    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = launch(recipe, "--smoke")
-    assert proc.returncode == 0
-    run = tmp_path / "run-smoke" / "run"
-    s = summary(run)
+def test_recipe_smoke_runs_on_two_ranks(path, smoke_runs):
+    s = smoke_runs[path.stem]
+    run = Path(s["output_dir"])
     assert s["job"]["world_size"] == 2 and s["steps"] == 10
     assert s["after"]["loss/total"] < s["before"]["loss/total"]  # the same held-out batches, before and after
     assert sorted(csv_metric(run, "train_loss")) == list(range(1, 11))

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -167,6 +168,15 @@ def shrink(
     return c
 
 
+def _written_by_rank_0(final: Path, timeout: float = 300.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while not final.is_dir():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{final}: rank 0 did not write this smoke model within {timeout:.0f} s")
+        time.sleep(0.1)
+    return final
+
+
 def _materialise(config: PretrainedConfig, tokenizer, root: Path, role: str, weights: bool = True) -> Path:
     """A directory holding ``config`` (and random weights of it, seeded) plus the tokenizer, written once."""
     content = json.dumps({"config": config.to_dict(), "weights": weights, "seed": SEED}, sort_keys=True, default=str)
@@ -182,6 +192,11 @@ def _materialise(config: PretrainedConfig, tokenizer, root: Path, role: str, wei
             AutoModelForMaskedLM.from_config(config).save_pretrained(tmp)
     else:
         config.save_pretrained(tmp)
+    if not (tmp / "config.json").is_file():
+        # Once a process group is up, transformers' save_pretrained writes on rank 0 only (and says nothing):
+        # the other ranks take rank 0's directory rather than put an incomplete one in its place.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _written_by_rank_0(final)
     tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, final)  # atomic; loses cleanly to a rank that got there first

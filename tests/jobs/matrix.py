@@ -1,12 +1,15 @@
 """A real multi-rank job that trains one recipe under several settings, one after another, in one
-process group (a launch costs ~20 s here; a Trainer ~2 s). Each setting writes its own output
-directory (``<out>.d/<name>``: monitor CSVs, checkpoints, summary.json); rank 0 also writes, per
-setting, its summary (job shape, held-out metrics, per-rank weight digests, memory, step time) to
-``--out``. ``--count-syncs`` adds, per setting, the host-device syncs its training steps made on rank 0
-(``syncs.py``).
+process group (a launch costs ~17 s here, nearly all of it imports and start-up; a Trainer ~2 s). A setting
+may name its own recipe (``--config``) and ask for its smoke version (``--smoke``, as launch/train.py does);
+each goes through the entry point's start-up checks (engine/cli.py, ``check``) before its Trainer. Each setting
+writes its own output directory (``<out>.d/<name>``, or the smoke version's: monitor CSVs, checkpoints,
+summary.json); rank 0 also writes, per setting, its summary (job shape, held-out metrics, per-rank weight
+digests, memory, step time, ``output_dir``) to ``--out``. ``--count-syncs`` adds, per setting, the host-device
+syncs its training steps made on rank 0 (``syncs.py``).
 
     deepspeed --num_gpus 2 tests/jobs/matrix.py --config r.yaml --out results.json \
-        --run zero0 --deepspeed.zero_stage 0 --run zero3-bf16 --deepspeed.zero_stage 3 --train.precision bf16
+        --run zero0 --deepspeed.zero_stage 0 --run zero3-bf16 --deepspeed.zero_stage 3 --train.precision bf16 \
+        --run tiny --config configs/tinybiobert.yaml --smoke
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import sys
 import syncs
 import torch.distributed as dist
 
-from biodistill.engine.config import load_recipe
+from biodistill.engine.cli import check
+from biodistill.engine.config import Recipe, load_recipe
+from biodistill.engine.models.smoke import smoke
+from biodistill.engine.runtime import hub
 from biodistill.engine.trainer import Trainer
 
 
@@ -34,19 +40,37 @@ def settings(argv: list[str]) -> dict[str, list[str]]:
     return runs
 
 
+def at(recipe: Recipe, output_dir: str) -> Recipe:
+    recipe.train.output_dir = output_dir
+    return recipe
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="the recipe of every setting that does not name its own")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)
     parser.add_argument("--count-syncs", action="store_true")
-    args, rest = parser.parse_known_args()
+    argv = sys.argv[1:]
+    first = argv.index("--run") if "--run" in argv else len(argv)
+    args = parser.parse_args(argv[:first])  # the job's own flags; each setting's follow its --run
+    rest = argv[first:]
     results, trainer = {}, None
     calls = syncs.install() if args.count_syncs else None
+    hub.decide()
     for name, overrides in settings(rest).items():
-        recipe = load_recipe(args.config, [*overrides, "--train.output_dir", f"{args.out}.d/{name}"])
+        own = argparse.ArgumentParser(allow_abbrev=False)
+        own.add_argument("--config", default=args.config)
+        own.add_argument("--smoke", action="store_true")
+        run, overrides = own.parse_known_args(overrides)
+        out = f"{args.out}.d/{name}"
+        if run.smoke:  # the smoke version lives beside its output_dir, as launch/train.py --smoke puts it
+            recipe = load_recipe(run.config, overrides, transform=lambda r, out=out: smoke(at(r, out)))
+        else:
+            recipe = load_recipe(run.config, [*overrides, "--train.output_dir", out])
+        check(recipe, None)
         trainer = Trainer(recipe)
-        results[name] = trainer.fit()
+        results[name] = {**trainer.fit(), "output_dir": recipe.train.output_dir}
         if calls is not None:
             by_owner: dict[str, list[str]] = {}
             for call in calls:
