@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at test time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -301,3 +302,19 @@ def fake_slurm(root: Path) -> Path:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return bin_dir
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op produces inside the block (``.most``): a memory bound that does not
+    depend on the allocator, for tests that a path never forms a T x T tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LargestTensor
 from test_families import config as family_config
 from test_families import model as family_model
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -203,19 +203,6 @@ def test_modernbert_at_8k_tokens_starts_on_the_fused_path():
     assert "attention_mse: maps path" in e.value.message and "168.0 GiB of maps" in e.value.message
 
 
-class _Largest(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.most = max(self.most, t.numel())
-        return out
-
-
 class _Encoder(torch.nn.Module):
     is_causal = False
 
@@ -245,7 +232,7 @@ def test_cpu_attention_with_dropout_runs_in_blocks_and_replays_its_masks(monkeyp
                  for i in range(0, T, 8)]  # fmt: skip
         return torch.cat(parts, dim=2).transpose(1, 2)
 
-    with _Largest() as seen:
+    with LargestTensor() as seen:
         out, got = grads(lambda qq, kk, vv: attention.attend(_Encoder(), qq, kk, vv, mask, dropout=0.3)[0])
     assert seen.most <= B * H * 8 * T, seen.most
     want_out, want = grads(blocks)

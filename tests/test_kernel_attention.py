@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import LargestTensor
 
 from biodistill.kernels.attention import fused_attention_divergence
 from biodistill.kernels.attention_blocked import blocked_attention_divergence
@@ -131,21 +131,6 @@ def test_one_tensor_as_queries_and_keys(fn):
     assert_close(got_grad, want_grad, torch.float32, "dq + dk")
 
 
-class _Largest(TorchDispatchMode):
-    """The most elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.most = max(self.most, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_blocked_path_holds_one_block_of_scores_at_a_time(kind):
     """Forward and backward of the CPU path at T = 512 with 16-row blocks: no tensor larger than one block's
@@ -155,7 +140,7 @@ def test_the_blocked_path_holds_one_block_of_scores_at_a_time(kind):
     q_s, k_s, q_t, k_t, mask = inputs(B, H, T, 16, 32, seed=4)
     block = 4 * B * H * 16 * T
     a, b = q_s.clone().requires_grad_(), k_s.clone().requires_grad_()
-    with _Largest() as seen:
+    with LargestTensor() as seen:
         out = blocked_attention_divergence(a, b, q_t, k_t, kind, key_mask=mask, rows=mask, block_bytes=block)
         out.sum().backward()
     assert seen.most <= B * H * T * 32, seen.most  # [B, H, 16, T] blocks, [B, H, T, 32] teacher keys
@@ -163,7 +148,7 @@ def test_the_blocked_path_holds_one_block_of_scores_at_a_time(kind):
     want = exact(q_s, k_s, q_t, k_t, kind, grad, key_mask=mask, rows=mask)
     assert_close(out.detach(), want[0], torch.float32, "loss")
     assert_close(a.grad, want[1], torch.float32, "dq")
-    with _Largest() as seen:
+    with LargestTensor() as seen:
         reference(a, b, q_t, k_t, kind, key_mask=mask, rows=mask).sum().backward()
     assert seen.most >= B * H * T * T  # what the bound is against
 
