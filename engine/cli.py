@@ -58,22 +58,24 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
     from .models.students import check_positions, parameter_count, student_config, teacher_config
     from .models.teacher import seen_by_terms
     from .runtime import preflight
-    from .runtime.distributed import check_deepspeed_json, launch_world
+    from .runtime.distributed import check_deepspeed_json, check_precision, launch_world
 
     r = recipe
     preflight.check(r, resume)
     if r.data.train_files:
         for key, path in data_files(r.data, r.source):
-            corpora.require_known_format(r.source, key, path)
+            corpora.require_known_format(r.where("data.train_files"), key, path)
     teacher = teacher_config(r)
     student = student_config(r, teacher)  # student.teacher_layers against the teacher
     check_positions(r, teacher, student)  # data.max_length against both models' position embeddings
+    params = parameter_count(r, student)  # built on the meta device: a config its family refuses is named now
+    check_precision(r)  # fp16 only where there is a GPU
     for note in check_deepspeed_json(r, launch_world(), hidden_size(student)):  # batch arithmetic, flags vs JSON
         if os.environ.get("RANK", "0") == "0":
             print(f"[biodistill] note: {note}", file=sys.stderr, flush=True)
     build_terms(r.losses, student, seen_by_terms(r, teacher, student), r.source)  # every layer map
     tokenise.check_tokenizers(r, teacher, student)
-    preflight.room_for_a_checkpoint(r, parameter_count(r, student))
+    preflight.room_for_a_checkpoint(r, params)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import glob
 import json
+import math
 import os
 import types
 import typing
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +184,14 @@ class Recipe:
     def needs_teacher(self) -> bool:
         return any(t.kind != "mlm" for t in self.losses.terms)
 
+    def where(self, key: str) -> str:
+        """Where ``key``'s value came from: the flag that set it (``command line --optim.lr``), else the file."""
+        return _where(key, self.source, self.flags)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError about ``key``, naming the flag or the file its value came from."""
+        return ConfigError(self.where(key), key, message)
+
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata}
 
@@ -198,11 +209,16 @@ def load_recipe(
     check_paths: bool = True,
 ) -> Recipe:
     """Load ``path``, apply ``transform`` (e.g. ``--smoke``), then the ``--a.b value`` overrides, and
-    validate. ``check_paths=False`` checks everything but the existence of the data files."""
+    validate. ``check_paths=False`` checks everything but the existence of the data files.
+
+    The transform sees the recipe with the overrides already applied (``--smoke`` writes its models under the
+    ``--train.output_dir`` given, not the file's), and the overrides are applied again over what it changed: a
+    flag always has the last word."""
     source = str(path)
     raw = read_yaml(path, "recipe")
     if transform is not None:
-        base = _convert(Recipe, raw, "", source, {})
+        sources = apply_overrides(raw, overrides or [], source)
+        base = _convert(Recipe, raw, "", source, sources)
         base.source = source
         raw = transform(base).to_dict()
     sources = apply_overrides(raw, overrides or [], source)
@@ -221,8 +237,10 @@ def read_yaml(path: str | os.PathLike, what: str) -> dict:
     source = str(path)
     if not Path(path).is_file():
         raise ConfigError(source, "", f"{what} file not found")
+    text = Path(path).read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), source)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"not valid YAML: {e}") from None
     if raw is None:
@@ -230,6 +248,27 @@ def read_yaml(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(source, "", f"the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def _refuse_duplicate_keys(node, source: str, key: str = "") -> None:
+    """A key written twice in one mapping, at any depth: PyYAML keeps the last in silence, and a section written
+    twice (``train:`` ... ``train:``) loses the first one's every value. Refused, naming both lines."""
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{key}.{name}" if key else str(name)
+            if name is not None and name != "<<":
+                if name in lines:
+                    raise ConfigError(
+                        source, dotted, f"written twice, at lines {lines[name]} and {key_node.start_mark.line + 1}; "
+                        "YAML would keep only the second: merge them into one",
+                    )  # fmt: skip
+                lines[name] = key_node.start_mark.line + 1
+            _refuse_duplicate_keys(value_node, source, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, source, f"{key}[{i}]")
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict[str, str]:
@@ -251,8 +290,13 @@ def load_typed(tp: Any, path: str | os.PathLike, overrides: list[str], what: str
 
 def resolve_precision(recipe: Recipe, device_type: str, bf16_supported: bool) -> Recipe:
     """``recipe`` with ``train.precision`` and ``teacher.dtype`` "auto" made concrete for the device the job
-    runs on (``device_type`` "cpu", "cuda", ...). Explicit values are kept as written."""
+    runs on (``device_type`` "cpu", "cuda", ...). Explicit values are kept as written, except that a user's
+    DeepSpeed JSON that decides the precision (``fp16``/``bf16`` ``enabled`` not "auto") decides it for the
+    whole job (teacher dtype, memory plan, summary, export), as it does for DeepSpeed; a flag it contradicts is
+    refused at start (``runtime/distributed.check_deepspeed_json``)."""
     train, teacher = recipe.train, recipe.teacher
+    if (trained := json_precision(recipe)) is not None:  # DeepSpeed trains in the JSON's: so does every part
+        train = dataclasses.replace(train, precision=trained)
     if train.precision == "auto":
         precision = "fp32" if device_type == "cpu" else "bf16" if bf16_supported else "fp16"
         train = dataclasses.replace(train, precision=precision)
@@ -265,6 +309,24 @@ def resolve_precision(recipe: Recipe, device_type: str, bf16_supported: bool) ->
             dtype = "bf16" if bf16_supported else "fp16"
         teacher = dataclasses.replace(teacher, dtype=dtype)
     return dataclasses.replace(recipe, train=train, teacher=teacher)
+
+
+def json_precision(recipe: Recipe) -> Optional[str]:
+    """The precision a user's DeepSpeed JSON trains in ("fp32", "bf16", "fp16"), or None without a JSON or when
+    it leaves the choice to the recipe (``"enabled": "auto"``). Both enabled is refused, naming the JSON."""
+    if not recipe.deepspeed.config:
+        return None
+    path = recipe.deepspeed.config
+    cfg = load_deepspeed_json(path, recipe.where("deepspeed.config"))
+    enabled = {k: cfg[k].get("enabled", False) for k in ("fp16", "bf16") if isinstance(cfg.get(k), dict)}
+    if "auto" in enabled.values():
+        return None
+    if enabled.get("fp16") is True and enabled.get("bf16") is True:
+        raise ConfigError(
+            str(resolve_path(path)), "bf16.enabled", "fp16 and bf16 are both enabled: DeepSpeed trains in one; "
+            "disable one of them",
+        )  # fmt: skip
+    return "bf16" if enabled.get("bf16") is True else "fp16" if enabled.get("fp16") is True else "fp32"
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
@@ -375,9 +437,12 @@ def _convert(tp: Any, value: Any, key: str, source: str, sources: dict[str, str]
         if isinstance(value, bool):
             raise ConfigError(where, key, f"expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(where, key, f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # .inf / .nan: a learning rate, weight or temperature that trains nothing
+            raise ConfigError(where, key, f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(where, key, f"expected a string, got {value!r}")
@@ -428,6 +493,11 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
                     f"must be a [student, teacher] pair of layer numbers >= 0, got {pair}",
                 )
     check(r.losses.temperature > 0, "losses.temperature", f"must be > 0, got {r.losses.temperature}")
+    check(
+        any(t.weight > 0 for t in r.losses.terms),
+        "losses.terms",
+        "every term's weight is 0: the student would learn nothing; give at least one term a positive weight",
+    )
 
     check(bool(r.teacher.path) or not r.needs_teacher(), "teacher.path", "a teacher is required by the loss terms")
     check(
@@ -442,7 +512,28 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         "maps the tokenizer of a student checkpoint (student.path, student.init 'checkpoint' or 'config') to the "
         "teacher's; a student made of teacher layers already has the teacher's",
     )
+    if s.init == "checkpoint":
+        check(bool(s.path), "student.path", "student.init 'checkpoint' needs the checkpoint to continue from")
+    check(
+        s.init != "teacher_layers" or not s.path,
+        "student.path",
+        f"{s.path!r} would not be read: student.init 'teacher_layers' builds the student from the teacher's layers; "
+        "drop student.path, or set student.init: checkpoint to continue from it",
+    )
+    check(
+        s.init == "teacher_layers" or not s.teacher_layers,
+        "student.teacher_layers",
+        f"{s.teacher_layers} would not be read: layers are copied only under student.init 'teacher_layers' (this "
+        f"recipe says {s.init!r}); drop student.teacher_layers, or set student.init: teacher_layers",
+    )
     if s.init == "teacher_layers":
+        for depth_key in ("num_hidden_layers", "layer_types"):
+            check(
+                depth_key not in s.overrides,
+                f"student.overrides.{depth_key}",
+                f"{s.overrides.get(depth_key)!r} contradicts student.teacher_layers {s.teacher_layers}: a student "
+                f"copied from teacher layers has one layer per entry ({len(s.teacher_layers)}); drop the override",
+            )
         check(bool(r.teacher.path), "teacher.path", "student.init 'teacher_layers' copies layers from a teacher")
         check(bool(s.teacher_layers), "student.teacher_layers", "list the teacher layers to copy, e.g. [0, 2, 4]")
         check(
@@ -450,8 +541,6 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
             "student.teacher_layers",
             f"must be distinct layer indices >= 0, got {s.teacher_layers}",
         )
-    if s.init == "checkpoint":
-        check(bool(s.path), "student.path", "student.init 'checkpoint' needs the checkpoint to continue from")
     head_terms = sorted({t.kind for t in r.losses.terms if t.kind in ("mlm", "logit_kl", "soft_ce")})
     check(s.mlm_head or not head_terms, "student.mlm_head", f"the {', '.join(head_terms)} term(s) need the MLM head")
 
@@ -535,21 +624,78 @@ def load_deepspeed_json(path: str, where: str = "deepspeed.config") -> dict:
 
 def data_files(data: DataConfig, source: str) -> list[tuple[str, Path]]:
     """``(key, path)`` for every file of ``data.train_files``, glob patterns expanded in sorted order."""
-    out = []
+    out, seen = [], set()
     for i, name in enumerate(data.train_files):
         key = f"data.train_files[{i}]"
         if glob.has_magic(name):
-            matches = sorted(Path(p) for p in glob.glob(str(resolve_path(name)), recursive=True))
-            matches = [p for p in matches if p.is_file()]
+            matches = expand_glob(str(resolve_path(name)))
             if not matches:
                 raise ConfigError(source, key, f"no file matches {name!r} (from {os.getcwd()})")
-            out += [(f"{key} ({p.name})", p) for p in matches]
+            found = [(f"{key} ({p.name})", p) for p in matches]
         else:
             path = resolve_path(name)
+            if path.is_dir():
+                raise ConfigError(source, key, f"{name} is a directory; give a glob such as {_glob_for(name, path)}")
             if not path.is_file():
                 raise ConfigError(source, key, f"file not found: {name} (from {os.getcwd()})")
-            out.append((key, path))
+            found = [(key, path)]
+        for entry in found:  # each real file once, however many patterns or links reach it
+            if (real := os.path.realpath(entry[1])) not in seen:
+                seen.add(real)
+                out.append(entry)
     return out
+
+
+def expand_glob(pattern: str) -> list[Path]:
+    """The files ``pattern`` matches, as ``glob.glob(pattern, recursive=True)`` would find them (``**`` is any
+    number of directories, hidden names need a pattern that starts with a dot), sorted, each real file once.
+    Unlike glob, a directory reached again through a symbolic link (``self -> .``, ``up -> ../loop``) is not
+    walked again: glob follows such a loop until the path is too long, which takes minutes and reads the same
+    files over and over."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root, wanted = Path(*parts[:first]) if first else Path("."), parts[first:]
+    if "**" not in wanted:  # no recursion, so no loop: glob as it is
+        matches = (Path(p) for p in glob.glob(pattern))
+    else:
+        matches, walked = [], set()
+        for directory, subdirs, files in os.walk(root, followlinks=True):
+            walked.add(os.path.realpath(directory))
+            subdirs[:] = sorted(d for d in subdirs if os.path.realpath(os.path.join(directory, d)) not in walked)
+            relative = Path(directory).relative_to(root).parts
+            matches += [Path(directory, f) for f in files if _glob_match((*relative, f), wanted)]
+    out, seen = [], set()
+    for path in sorted(p for p in matches if p.is_file()):
+        if (real := os.path.realpath(path)) not in seen:
+            seen.add(real)
+            out.append(path)
+    return out
+
+
+def _glob_match(names: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Path components ``names`` against glob components ``pattern`` (``**``: zero or more directories)."""
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(
+            _glob_match(names[k:], pattern[1:])
+            for k in range(len(names) + 1)
+            if not any(n.startswith(".") for n in names[:k])
+        )
+    head = pattern[0]
+    return (
+        bool(names)
+        and (head.startswith(".") or not names[0].startswith("."))
+        and fnmatch.fnmatchcase(names[0], head)
+        and _glob_match(names[1:], pattern[1:])
+    )
+
+
+def _glob_for(name: str, directory: Path) -> str:
+    """``DIR/*.<ext>`` for the extension most files in ``directory`` have (``*.jsonl`` when it has none)."""
+    suffixes = Counter("".join(p.suffixes[-2:]) for p in directory.iterdir() if p.is_file() and p.suffix)
+    ext = suffixes.most_common(1)[0][0] if suffixes else ".jsonl"
+    return f"{name.rstrip('/')}/*{ext}"
 
 
 def resolve_path(path: str) -> Path:

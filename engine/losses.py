@@ -416,8 +416,7 @@ def attention_notes(recipe, terms: list[LossTerm], student_config, teacher_confi
             maps_notes.append(notes[-1])
             maps[term.source] = size  # terms reading the same maps (or scores) share one set
     if device_bytes is not None and sum(maps.values()) > device_bytes:
-        raise ConfigError(
-            recipe.source,
+        raise recipe.error(
             "data.max_length",
             f"{'; '.join(maps_notes)}. That is {sum(maps.values()) / 2**30:.1f} GiB of maps; the device has "
             f"{device_bytes / 2**30:.1f} GiB. Lower data.max_length or train.micro_batch_size, use "

@@ -179,9 +179,9 @@ class Trainer:
             (self.out / "samples").mkdir(parents=True, exist_ok=True)
             self.ledger = open(self.out / "samples" / f"rank{d.rank}.jsonl", "a", encoding="utf-8")
         if r.data.streaming:
-            self.stream = stream.DocumentStream(r.data, self.tokenizer, r.source, d.rank, d.world)
+            self.stream = stream.DocumentStream(r.data, self.tokenizer, r.where("data.train_files"), d.rank, d.world)
             self.heldout = stream.heldout_stream_batches(
-                r.data, self.tokenizer, r.source, self.collator, self.micro_batch, d.rank, d.world,
+                r.data, self.tokenizer, r.where("data.train_files"), self.collator, self.micro_batch, d.rank, d.world,
                 r.train.eval_batches,
             )  # fmt: skip
             self.data_info = {
@@ -191,7 +191,7 @@ class Trainer:
             }
             return
         splits, self.data_info = cache.prepare(
-            r.data, self.tokenizer, r.source, is_builder=d.local_rank == 0, barrier=dist.barrier
+            r.data, self.tokenizer, r.where("data.train_files"), is_builder=d.local_rank == 0, barrier=dist.barrier
         )
         self.train_split = splits["train"]
         self.heldout = batches.heldout_batches(
@@ -254,6 +254,8 @@ class Trainer:
             self._mark(step, f"backward {micro}")
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimiser only at the accumulation boundary
+            if micro == self.grad_accum - 1:
+                faults.poison_weights("train.weights", self.student.parameters(), step)
             totals = torch.cat([loss.detach().float().reshape(1), values, batch["attention_mask"].sum().reshape(1)])
             self.window[:-1] += torch.where(keep, totals, 0)  # where: a skipped NaN loss times 0 is still NaN
             self.window[-1] += keep.float()
@@ -387,15 +389,17 @@ class Trainer:
             streaming=self.stream is not None, position=self.pos,
         )  # fmt: skip
         self.saved_step = self.pos.step
+        _current_lr(self.engine.lr_scheduler)
 
     def export(self) -> Optional[str]:
         """Export the student (without the loss terms' projections) and check the files reload exactly."""
         self._mark(self.pos.step, "export")
         faults.hit("export.begin", self.pos.step)
+        checkpoint.refuse_nonfinite(self.student, self.pos.step, self.checkpoints, f"export {self.out / 'student'}")
         state = checkpoint.gathered_state_dict(self.engine, self.student)
         path = None
         if self.dist.is_main:
-            path = checkpoint.export(state, self.student, self.tokenizer, str(self.out / "student"))
+            path = checkpoint.export(state, self.student, self.tokenizer, str(self.out / "student"), self._record_of())
             reloaded = type(self.student).from_pretrained(path).state_dict()
             worst = max((reloaded[k].float() - v.float()).abs().max().item() for k, v in state.items() if k in reloaded)
             missing = [k for k in state if k not in reloaded]
@@ -408,6 +412,21 @@ class Trainer:
             )
         dist.barrier()
         return str(path) if path else None
+
+    def _record_of(self) -> dict:
+        """What the exported student was distilled from and how (its distillation.json)."""
+        r = self.recipe
+        return {
+            "recipe": r.name,
+            "recipe_file": r.source,
+            "teacher": r.teacher.path,
+            "student": {"init": r.student.init, "teacher_layers": r.student.teacher_layers, "path": r.student.path},
+            "losses": r.to_dict()["losses"],
+            "data": {"train_files": r.data.train_files, "dataset": r.data.dataset, "max_length": r.data.max_length},
+            "steps": self.pos.step,
+            "global_batch": self.micro_batch * self.grad_accum * self.dist.world,
+            "precision": str(self.input_dtype).removeprefix("torch."),
+        }
 
     def close(self) -> None:
         for f in (self.ledger, self.report, self.guard):
@@ -498,3 +517,13 @@ def _batch_name(names: dict) -> str:
     if "sample_ids" not in names:
         return "a batch of the stream"
     return f"the batch of epoch {names['sample_epochs'].tolist()[0]} sequences {names['sample_ids'].tolist()}"
+
+
+def _current_lr(scheduler) -> None:
+    """Set the optimizer's learning rates to what ``scheduler`` gives at the step it was restored to. A checkpoint
+    restores the rates the old schedule had reached (its last one, 0, at the end of a linear decay), while the
+    scheduler computes the next ones from this recipe's schedule (a longer train.max_steps): without this, the first
+    resumed step would run at the old rate. With the same schedule it sets the very value the state held."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, rule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * rule(scheduler.last_epoch)

@@ -124,6 +124,8 @@ def recipe_dict(teacher: Path, corpus: Path, out: Path, terms: list[dict], **sec
     }
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values}
+    if recipe["student"].get("init") != "teacher_layers":  # the layers to copy belong to that init alone
+        recipe["student"].pop("teacher_layers", None)
     return recipe
 
 

@@ -87,6 +87,15 @@ def model_dir(name: str, tokenizer: bool = True, vocab_size: int = 30522, lowerc
     return make
 
 
+def checkpoint_student(path: Callable[[Path], str]) -> Callable[[dict, Path], None]:
+    """The student continued from the checkpoint ``path`` makes (no teacher layers to copy)."""
+
+    def edit(recipe: dict, tmp: Path) -> None:
+        recipe["student"] = {"init": "checkpoint", "path": path(tmp), "mlm_head": True}
+
+    return edit
+
+
 def swapped_vocab(tmp: Path) -> str:
     return str(swapped_student(Path(model_dir("swapped", tokenizer=False)(tmp))))
 
@@ -313,7 +322,7 @@ CASES = [
         "other ids: [('{a}', 2000, 2001), ('{b}', 2001, 2000)]); the data is tokenised once, with the teacher's: "
         "start the student from a checkpoint with the teacher's tokenizer, or set teacher.vocab_map: by_token to map "
         "the student's to the teacher's",
-        both(put("student.init", "checkpoint"), put("student.path", swapped_vocab)),
+        checkpoint_student(swapped_vocab),
     ),
     Case(
         "student-tokenizer-cased",
@@ -321,7 +330,7 @@ CASES = [
         "normalisation or pre-tokenisation (e.g. cased vs uncased)); the data is tokenised once, with the teacher's: "
         "start the student from a checkpoint with the teacher's tokenizer, or set teacher.vocab_map: by_token to map "
         "the student's to the teacher's",
-        both(put("student.init", "checkpoint"), put("student.path", model_dir("cased", lowercase=False))),
+        checkpoint_student(model_dir("cased", lowercase=False)),
     ),
     # ---------------------------------------------------------------------------------------- corpora
     Case(

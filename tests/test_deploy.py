@@ -145,11 +145,12 @@ def test_bad_exports_are_named(tmp_path, capsys):
     assert e.value.message.startswith("no task head to export (its config's architectures are ['BertModel'])")
     # the fp32 check against PyTorch, at a tolerance no graph can meet (a tiny graph may match PyTorch exactly, so
     # not 0): the export fails naming the worst logit, after the graph was written, and leaves nothing behind
+    # (the command line refuses such a tolerance before any work: tests/test_bad_inputs.py; the function takes it)
     model_dir = save(tmp_path / "m", AutoModelForTokenClassification.from_config(BertConfig(**SMALL, num_labels=2)))
-    assert cli.main(["--model", str(model_dir), "--out", str(tmp_path / "out"), "--atol", "-1", "--no-int8"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"biodistill-export: error: {model_dir}: --model: ONNX Runtime's fp32 logits differ from PyTorch's by")  # fmt: skip
-    assert "(> -1) at logits[" in err and "PyTorch" in err
+    with pytest.raises(ConfigError) as e:
+        export(str(model_dir), tmp_path / "out", int8=False, atol=-1.0, key="--model")
+    assert str(e.value).startswith(f"{model_dir}: --model: ONNX Runtime's fp32 logits differ from PyTorch's by")
+    assert "(> -1) at logits[" in str(e.value) and "PyTorch" in str(e.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # whole or not at all
 
 

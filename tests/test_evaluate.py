@@ -571,7 +571,9 @@ def test_report_tells_same_size_models_apart_and_shows_throughput_noise(tmp_path
     calls = []
     encoder.register_forward_hook(lambda *_: calls.append(1))
     rate, spread = report.throughput(encoder, "cpu", length=16, batch=2, seconds=0.0)
-    assert len(calls) == 2 + report.MIN_FORWARDS and rate > 0 and 0 <= spread < 1  # two warm-up forwards
+    # two warm-up forwards, then MIN_FORWARDS per measurement (more when a busy host made it noisy); never a bound on
+    # the spread itself: that is the host's, not the code's
+    assert len(calls) - 2 in [k * report.MIN_FORWARDS for k in range(1, report.TRIES + 1)] and rate > 0 and spread >= 0
     suite = load_suite(REPO / "configs" / "eval" / "demo.yaml", ["--output_dir", str(tmp_path / "out")])
     task = {t.name: {"test_mean": 0.8, "test_std": 0.01, "truncated": {}} for t in suite.tasks}
     cost = {"parameters": 17_430_000, "trainable": 17_430_000, "bytes_on_disk": 2**26, "cpu_seq_per_s_bs1": 63.3,
@@ -582,5 +584,9 @@ def test_report_tells_same_size_models_apart_and_shows_throughput_noise(tmp_path
     assert offsets["student-before"] < 0 < offsets["student-after"] and offsets["teacher"] == 0
     table = report.markdown(suite, doc, 1, 1)
     assert "| teacher | 22.71M / 22.71M | 64.0 MiB |" in table and "| 63.3 ± 4% | 53.5 ± 12% |" in table
+    assert "(noisy)" not in table
+    doc["models"]["teacher"]["cpu_spread_bs32"] = 16.72  # 84.4 ± 1672%, as a loaded 2-core host measured it
+    noisy = report.markdown(suite, doc, 1, 1)
+    assert "| 63.3 ± 4% | 53.5 ± 1672% (noisy) |" in noisy and "(noisy): the forwards' times spread by more" in noisy
     report.plot(suite, doc, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

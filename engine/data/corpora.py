@@ -132,20 +132,23 @@ def read(path: Path, options: ReadOptions, skipped: Counter) -> Iterator[tuple[K
             f"{path}: unknown format; expected .xml(.gz), .nxml, .tar.gz, .csv(.gz), .txt, .jsonl or .parquet"
         )
     bad = _Bad(path, options, skipped)
-    if path.stat().st_size == 0:
-        bad("empty file")
-        return
-    if path.name.lower().endswith(_GZIP) and not _is_gzip(path):
-        bad("not a gzip file, though named .gz")
-        return
     yielded = 0
     try:
+        if path.stat().st_size == 0:
+            bad("empty file")
+            return
+        if path.name.lower().endswith(_GZIP) and not _is_gzip(path):
+            bad("not a gzip file, though named .gz")
+            return
         for record in _READERS[fmt](path, options, bad):
             yielded += 1
             yield record
     except (EOFError, gzip.BadGzipFile, zlib.error, tarfile.ReadError) as e:
         # Everything before the damage has been yielded; what the damage hid cannot be counted.
         bad(f"truncated or corrupt gzip ({type(e).__name__}: {e}); the rest of the file is unreadable")
+    except OSError as e:  # deleted, moved or unreadable since the job listed it: bad input like any other
+        bad(f"cannot be read any more ({e.strerror or type(e).__name__}); was it deleted or moved while being read?")
+        return
     if yielded == bad.count == bad.filtered == 0:  # nothing yielded, counted or filtered: not what its name says
         raise BadInput(f"{path}: no {_WHAT[fmt]} found in it ({_found_instead(path, fmt)})")
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..config import ConfigError, Recipe, is_local, resolve_path
+from ..config import Recipe, is_local, resolve_path
 from ..runtime import hub
 
 
@@ -34,7 +34,7 @@ def recipe_tokenizer(recipe):
     try:
         return AutoTokenizer.from_pretrained(hub.location(name))
     except (OSError, ValueError) as e:
-        raise ConfigError(recipe.source, key, hub.load_error(name, e, "tokenizer")) from None
+        raise recipe.error(key, hub.load_error(name, e, "tokenizer")) from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -185,8 +185,8 @@ def check_tokenizers(r: Recipe, teacher_config, student_config) -> None:
     if r.teacher.vocab_map and teacher_tok is not None and student_tok is not None:
         coverage = VocabMap(student_tok, teacher_tok, max(student_config.vocab_size, len(student_tok))).coverage
         if coverage < 0.5:
-            raise ConfigError(
-                r.source, "teacher.vocab_map",
+            raise r.error(
+                "teacher.vocab_map",
                 f"only {coverage:.0%} of the student's tokens are in the teacher's vocabulary: the teacher would "
                 "read mostly [UNK]; distil from a teacher with a similar vocabulary",
             )  # fmt: skip
@@ -211,13 +211,11 @@ def _tokenizer(r: Recipe, key: str, path: str, required: bool = True):
     if not has_files:
         if not required:
             return None
-        raise ConfigError(
-            r.source, key, f"{where} has no tokenizer (tokenizer.json, vocab.txt or tokenizer_config.json)"
-        )
+        raise r.error(key, f"{where} has no tokenizer (tokenizer.json, vocab.txt or tokenizer_config.json)")
     try:
         return AutoTokenizer.from_pretrained(str(where))
     except (OSError, ValueError) as e:
-        raise ConfigError(r.source, key, f"cannot load the tokenizer in {where}: {e}") from None
+        raise r.error(key, f"cannot load the tokenizer in {where}: {e}") from None
 
 
 def _same_tokenizer(r: Recipe, teacher, student) -> None:
@@ -234,8 +232,8 @@ def _same_tokenizer(r: Recipe, teacher, student) -> None:
         )
     else:
         differs = "same vocabulary, different normalisation or pre-tokenisation (e.g. cased vs uncased)"
-    raise ConfigError(
-        r.source, "student.path",
+    raise r.error(
+        "student.path",
         f"the student's tokenizer differs from the teacher's ({differs}); the data is tokenised once, with "
         "the teacher's: start the student from a checkpoint with the teacher's tokenizer, or set "
         "teacher.vocab_map: by_token to map the student's to the teacher's",
@@ -245,8 +243,8 @@ def _same_tokenizer(r: Recipe, teacher, student) -> None:
 def _covers(r: Recipe, key: str, config, tokenizer) -> None:
     vocab = getattr(config, "vocab_size", None) if config is not None else None
     if vocab is not None and vocab < len(tokenizer):
-        raise ConfigError(
-            r.source, key,
+        raise r.error(
+            key,
             f"the model's vocab_size {vocab} is smaller than its tokenizer's {len(tokenizer)} tokens: token ids "
             f">= {vocab} have no embedding",
         )  # fmt: skip

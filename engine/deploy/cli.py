@@ -9,10 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
 from ..config import ConfigError
+
+
+def _tolerance(text: str) -> float:
+    """A finite positive tolerance, refused by argparse (exit 2, naming --atol) before any export work."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,12 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", required=True, help="a fine-tuned Hugging Face model directory (or pkg://, or a hub name)"
     )
-    parser.add_argument("--out", required=True, help="the directory to write (replaced whole, atomically)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="a new directory, or a previous export to replace (whole, atomically); nothing else is replaced",
+    )
     parser.add_argument("--no-int8", action="store_true", help="the fp32 model only")
     parser.add_argument(
         "--no-fuse", action="store_true", help="keep the exporter's graph, without ORT's fused operators"
     )
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest |ORT - PyTorch| fp32 logit accepted")
+    parser.add_argument(
+        "--atol", type=_tolerance, default=1e-4, help="largest |ORT - PyTorch| fp32 logit accepted (> 0)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.ERROR, format="[%(name)s] %(message)s")
@@ -33,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    from .export import export
+    from .export import check_out, export
 
     try:
+        check_out(args.out, args.model)  # before the model loads: a refusal costs nothing
         done = export(args.model, args.out, int8=not args.no_int8, fuse=not args.no_fuse, atol=args.atol, key="--model")
     except ConfigError as e:
         print(f"biodistill-export: error: {e}", file=sys.stderr, flush=True)

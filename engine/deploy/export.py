@@ -57,6 +57,7 @@ HEADS = {
 SAMPLE = ["Aspirin inhibits platelet aggregation.", "Hereditary breast cancer is rare in men, and BRCA2 carriers"
           " are screened earlier than the general population."]  # fmt: skip
 FP32, INT8 = "model.onnx", "model.int8.onnx"
+MARKER = "export.json"  # written into every export, last: what tells a previous export from anything else
 OPSET = 18
 _PROTOBUF_LIMIT = 1.8 * 2**30  # bytes of fp32 weights above which the graph keeps them in a side file
 
@@ -104,12 +105,39 @@ def task_model(path: str, key: str = "model"):
         raise ConfigError(path, key, f"no task head to export (its config's architectures are {saved.architectures}): "
                           "export a fine-tuned token classification, sequence classification or QA model")  # fmt: skip
     suffix, (auto, outputs) = heads[0]
-    model = getattr(transformers, auto).from_pretrained(location, config=config, dtype=torch.float32).eval()
+    model, loading = getattr(transformers, auto).from_pretrained(
+        location, config=config, dtype=torch.float32, output_loading_info=True
+    )
+    # A head whose weights are not the ones saved (a sequence classifier's pooler and classifier under a config that
+    # says token classification) would be exported with random weights, and checked against the same wrong model.
+    unused = {k: loading.get(k) or [] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(unused.values()):
+        said = "; ".join(f"{k.replace('_', ' ')}: {_names(v)}" for k, v in unused.items() if v)
+        raise ConfigError(path, key, f"its weights do not fit its config's {architectures[0]} ({said}): the saved "
+                          "head is not the one the config names; fix config.json's architectures or re-save the "
+                          "model")  # fmt: skip
+    model = model.eval()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as e:
         raise ConfigError(path, key, f"no tokenizer beside the weights ({type(e).__name__}): save it with the model") from None  # fmt: skip
     return model, suffix, outputs, tokenizer
+
+
+def _names(keys: list) -> str:
+    keys = [k[0] if isinstance(k, tuple) else k for k in keys]  # mismatched keys come with their two shapes
+    return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def check_out(out: str | Path, model: str, key: str = "--out") -> None:
+    """``out`` may be written: it does not exist, or it is a previous export (it holds export.json) that does
+    not hold the model being exported. Anything else is refused here, before any compute."""
+    from ..config import model_location
+    from ..runtime.files import not_replaceable
+
+    refusal = not_replaceable(Path(out), MARKER, "biodistill-export output", keep=(Path(model_location(model)),))
+    if refusal is not None:
+        raise ConfigError(key, "", refusal)
 
 
 def token_task_model(path: str, target: Path) -> torch.nn.Module:
@@ -166,6 +194,7 @@ def export(path: str, out: str | Path, int8: bool = True, fuse: bool = True, ato
     except ImportError as e:
         raise ConfigError(path, key, f"exporting needs onnx and onnxruntime ({e.name} is missing): pip install "
                           "'biodistill[deploy]'") from None  # fmt: skip
+    check_out(out, path)
     with _quiet():
         return _export(path, Path(out), int8, fuse, atol, key)
 
@@ -190,6 +219,8 @@ def _quiet():
 
 def _export(path: str, out: Path, int8: bool, fuse: bool, atol: float, key: str) -> Exported:
     from ...kernels.ops import kernel_mode
+    from ..config import model_location
+    from ..runtime.files import replace_dir
 
     model, head, outputs, tokenizer = task_model(path, key)
     names = input_names(model, tokenizer)
@@ -217,15 +248,11 @@ def _export(path: str, out: Path, int8: bool, fuse: bool, atol: float, key: str)
             "bytes": {"pytorch": _weights_bytes(path), "onnx_fp32": _bytes(tmp / FP32), "onnx_int8": _bytes(tmp / INT8)},
             "versions": _versions(), "cpu": platform.processor() or platform.machine(), "vnni": vnni(),
         }  # fmt: skip
-        (tmp / "export.json").write_text(json.dumps(report, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, out)
+        (tmp / MARKER).write_text(json.dumps(report, indent=1))
+        keep = (Path(model_location(path)),)
+        replace_dir(tmp, out, MARKER, "biodistill-export output", keep)
+    except FileExistsError as e:  # something took the path while the export ran
+        raise ConfigError("--out", "", str(e)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, load_recipe, model_location
-from ..runtime.files import write_atomic
+from ..runtime.files import replace_dir, write_atomic
 from .finetune import Cell, run_cell
 from .suite import ModelEntry, Suite
 from .tasks import TaskData, read_task
@@ -78,8 +78,7 @@ def initial_student(suite: Suite, entry: ModelEntry) -> Path:
     student.save_pretrained(tmp)
     recipe_tokenizer(recipe).save_pretrained(tmp)
     (tmp / record.name).write_text(built_from)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_dir(tmp, final, record.name, "initial student")
     return final
 
 
@@ -111,10 +110,23 @@ _CELL_FIELDS = ("epochs", "weight_decay", "schedule", "warmup_ratio", "max_lengt
 def same_protocol(suite: Suite) -> None:
     """A grid resumed under another protocol would mix cells trained two ways in one mean: refused, by key.
     The first run records the protocol in ``<output_dir>/protocol.json``."""
-    record = Path(suite.output_dir) / "protocol.json"
+    root = Path(suite.output_dir)
+    record = root / "protocol.json"
     now = {k: getattr(suite.protocol, k) for k in _CELL_FIELDS}
+    if not record.is_file() and root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ConfigError(
+            suite.where("output_dir"), "output_dir",
+            f"{root} exists and is not an evaluation's output (it has no protocol.json): its files could be replaced "
+            "by this suite's; choose a new output_dir",
+        )  # fmt: skip
     if record.is_file():
         before = json.loads(record.read_text())
+        if before.get("suite", suite.name) != suite.name:
+            raise ConfigError(
+                suite.where("output_dir"), "output_dir",
+                f"{root} holds the results of the suite {before['suite']!r}; this is {suite.name!r}, whose "
+                "results.md, results.json and plot would replace them: give each suite its own output_dir",
+            )  # fmt: skip
         for k in _CELL_FIELDS:
             if before.get(k) != now[k]:
                 raise ConfigError(
@@ -122,8 +134,10 @@ def same_protocol(suite: Suite) -> None:
                     f"the cells already in {suite.output_dir} were trained with {k} {before.get(k)!r}, this run says "
                     f"{now[k]!r}: keep {before.get(k)!r} to resume them, or choose another output_dir",
                 )  # fmt: skip
+        if "suite" not in before:  # written before suites were told apart: claim it now
+            _write_json(record, {**before, "suite": suite.name})
         return
-    _write_json(record, now)
+    _write_json(record, {**now, "suite": suite.name})
 
 
 def fingerprint(path: str) -> str | None:

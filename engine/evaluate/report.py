@@ -47,6 +47,10 @@ def _encoder(path: str) -> torch.nn.Module:
 
 
 MIN_FORWARDS = 20  # timed forwards per figure, whatever ``seconds`` allows: fewer left the spread above the differences
+# Half the interquartile range of the forwards' times, over the median, above which a figure says more about the
+# host (other processes, CPU steal) than about the model: measured again, and marked "(noisy)" if it stays above.
+NOISY = 0.25
+TRIES = 3
 
 
 def throughput(model: torch.nn.Module, device: str, length: int, batch: int, seconds: float) -> tuple[float, float]:
@@ -66,18 +70,25 @@ def throughput(model: torch.nn.Module, device: str, length: int, batch: int, sec
 
 def timed(forward, batch: int, seconds: float, sync=lambda: None) -> tuple[float, float]:
     """(sequences/s of the median forward, half the interquartile range relative to it): two warm-up forwards,
-    then at least MIN_FORWARDS and ``seconds`` of timed ones."""
+    then at least MIN_FORWARDS and ``seconds`` of timed ones. A spread above NOISY is measured again, up to TRIES
+    times in all, and the steadiest measurement kept (the report marks one that stays above)."""
     for _ in range(2):
         forward()
     sync()
-    times, start = [], time.perf_counter()
-    while len(times) < MIN_FORWARDS or time.perf_counter() - start < seconds:
-        began = time.perf_counter()
-        forward()
-        sync()
-        times.append(time.perf_counter() - began)
-    q1, median, q3 = statistics.quantiles(times, n=4)
-    return batch / median, (q3 - q1) / 2 / median
+    best = None
+    for _ in range(TRIES):
+        times, start = [], time.perf_counter()
+        while len(times) < MIN_FORWARDS or time.perf_counter() - start < seconds:
+            began = time.perf_counter()
+            forward()
+            sync()
+            times.append(time.perf_counter() - began)
+        q1, median, q3 = statistics.quantiles(times, n=4)
+        measured = (batch / median, (q3 - q1) / 2 / median)
+        best = measured if best is None or measured[1] < best[1] else best
+        if best[1] <= NOISY:
+            break
+    return best
 
 
 def deployment(path: str, t, work: Path) -> dict:
@@ -187,6 +198,12 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
         + (" and the GPU named in results.json." if gpu else "."),
         f"Cells finished: {done} of {expected}." + ("" if done == expected else " Rerun the same command to finish."),
     ]
+    if "(noisy)" in "\n".join(lines) or any(_noisy(v) for m in doc["models"].values() for k, v in m.get("deploy", {}).items() if k.endswith(tuple(f"spread_bs{b}" for b in bs))):  # fmt: skip
+        lines.append(
+            f"(noisy): the forwards' times spread by more than {100 * NOISY:.0f}% of their median (half the interquartile "
+            f"range) in each of {TRIES} measurements: the host was busy, and the figure cannot be compared with the "
+            "others; measure again on an idle machine."
+        )
     cut = {
         t.name: {s: n for s, n in r["truncated"].items() if n}
         for m in doc["models"].values()
@@ -230,7 +247,11 @@ def _rate(m: dict, device: str, batch: int, fmt: str) -> str:
     rate, spread = m.get(f"{device}_seq_per_s_bs{batch}"), m.get(f"{device}_spread_bs{batch}")
     if rate is None:
         return "-"
-    return f"{rate:{fmt}}" + (f" ± {100 * spread:.0f}%" if spread is not None else "")
+    return f"{rate:{fmt}}" + (f" ± {100 * spread:.0f}%" if spread is not None else "") + _noisy(spread)
+
+
+def _noisy(spread) -> str:
+    return " (noisy)" if spread is not None and spread > NOISY else ""
 
 
 def _size(n) -> str:
@@ -281,12 +302,13 @@ def _int8_panel(suite: Suite, doc: dict, ax) -> None:
     """Score (int8, through ONNX Runtime) against int8 sequences/s at the first batch size: what a deployment buys."""
     bs = suite.throughput.batch_sizes[0]
     for t in suite.tasks:
-        points = [(m["deploy"][f"int8_seq_per_s_bs{bs}"], 100 * r["int8_mean"], 100 * r["int8_std"], name)
+        points = [(m["deploy"][f"int8_seq_per_s_bs{bs}"], 100 * r["int8_mean"], 100 * r["int8_std"],
+                   name + _noisy(m["deploy"].get(f"int8_spread_bs{bs}")))
                   for name, m in doc["models"].items() if "deploy" in m and (r := m["tasks"].get(t.name)) and "int8_mean" in r]  # fmt: skip
         if points:
             xs, ys, es, names = zip(*points)
             ax.errorbar(xs, ys, yerr=es, fmt="s", capsize=3, label=f"{t.name} ({suite.metric(t)})")
-            for x, y, n in zip(xs, ys, names):
+            for x, y, n in zip(xs, ys, names):  # a noisy speed is named so: its x means little
                 ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(f"ONNX Runtime int8 sequences/s (batch {bs}, {suite.throughput.length} tokens)")
     ax.set_ylabel("int8 test score x100")

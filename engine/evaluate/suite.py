@@ -110,6 +110,11 @@ class Suite:
     throughput: Throughput = field(default_factory=Throughput)
     deploy: Deploy = field(default_factory=Deploy)
     source: str = field(default="", metadata={"internal": True})
+    flags: dict = field(default_factory=dict, metadata={"internal": True})  # dotted key -> the flag that set it
+
+    def where(self, key: str) -> str:
+        """The flag that set ``key``, else the suite file."""
+        return next((src for k, src in self.flags.items() if key == k or key.startswith(k + ".")), self.source)
 
     def metric(self, task: TaskEntry) -> str:
         return task.metric or DEFAULT_METRIC[task.kind]
@@ -117,7 +122,7 @@ class Suite:
 
 def load_suite(path: str, overrides: list[str] | None = None) -> Suite:
     suite, sources = load_typed(Suite, path, overrides or [], "evaluation suite")
-    suite.source = str(path)
+    suite.source, suite.flags = str(path), sources
     _validate(suite, sources)
     return suite
 

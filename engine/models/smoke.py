@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
-from ..config import ConfigError, Recipe, resolve_path
+from ..config import Recipe, resolve_path
 from .outputs import attention_width
 from .published import published_config
 from .students import load_config, select_layers, student_config
@@ -85,7 +85,7 @@ def smoke(recipe: Recipe, full_size: bool = False) -> Recipe:
         if r.student.init == "teacher_layers":
             r.student.teacher_layers = [i for i in r.student.teacher_layers if i < depth]
             if not r.student.teacher_layers:
-                raise ConfigError(r.source, "student.teacher_layers", f"--smoke keeps teacher layers < {depth}: none")
+                raise r.error("student.teacher_layers", f"--smoke keeps teacher layers < {depth}: none")
     if r.student.init == "checkpoint":
         r.student.path = str(_materialise(student_shape, tokenizer, models, "student"))
     elif r.student.init == "config":
@@ -144,7 +144,7 @@ def shrink(
     heads kept, on ``tokenizer``'s vocabulary; at (1, 1) only the vocabulary changes."""
     if config.model_type not in _WIDTHS:
         known = ", ".join(_WIDTHS)
-        raise ConfigError(recipe.source, key, f"--smoke cannot shrink model_type '{config.model_type}'; known: {known}")
+        raise recipe.error(key, f"--smoke cannot shrink model_type '{config.model_type}'; known: {known}")
     depth, width = divisors
     c = copy.deepcopy(config)
     heads = c.num_attention_heads

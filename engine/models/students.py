@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
 
-from ..config import ConfigError, Recipe
+from ..config import Recipe
 from ..runtime import hub
 from . import minialbert
 from .outputs import Needs, attn_implementation, has_mlm_head, num_layers, position_limit
@@ -34,7 +34,7 @@ def load_config(path: str, recipe: Recipe, key: str) -> PretrainedConfig:
     except (OSError, ValueError) as e:
         published = published_config(path)
         if published is None:
-            raise ConfigError(recipe.source, key, hub.load_error(path, e, "model config")) from None
+            raise recipe.error(key, hub.load_error(path, e, "model config")) from None
         return published
 
 
@@ -53,26 +53,25 @@ def student_config(
     elif teacher_config is not None:
         base = copy.deepcopy(teacher_config)
     else:
-        raise ConfigError(recipe.source, "student.path", "a random init needs a config: student.path or a teacher")
+        raise recipe.error("student.path", "a random init needs a config: student.path or a teacher")
     if s.init == "teacher_layers":
         depth = num_layers(base)
         bad = [i for i in s.teacher_layers if i >= depth]
         if bad:
-            raise ConfigError(
-                recipe.source,
+            raise recipe.error(
                 "student.teacher_layers",
                 f"teacher {recipe.teacher.path!r} has {depth} layers (0..{depth - 1}); cannot copy {bad}",
             )
         if base.model_type in _FIRST_LAYER_DIFFERS and (s.teacher_layers[0] != 0 or 0 in s.teacher_layers[1:]):
-            raise ConfigError(
-                recipe.source, "student.teacher_layers",
+            raise recipe.error(
+                "student.teacher_layers",
                 f"{s.teacher_layers}: {_FIRST_LAYER_DIFFERS[base.model_type]}, so a student's first layer must be "
                 "the teacher's layer 0 and no later one can be; start the list with 0",
             )  # fmt: skip
         select_layers(base, s.teacher_layers)
     for key, value in s.overrides.items():
         if not hasattr(base, key):
-            raise ConfigError(recipe.source, f"student.overrides.{key}", f"{type(base).__name__} has no field '{key}'")
+            raise recipe.error(f"student.overrides.{key}", f"{type(base).__name__} has no field '{key}'")
         setattr(base, key, value)
     if "num_hidden_layers" in s.overrides and "layer_types" not in s.overrides:
         select_layers(base, range(base.num_hidden_layers))  # the base's pattern of layer kinds, continued
@@ -106,8 +105,8 @@ def check_positions(recipe: Recipe, teacher: Optional[PretrainedConfig], student
     for role, name, config in (("the teacher", recipe.teacher.path, teacher), ("the student", where, student)):
         limit = position_limit(config) if config is not None else None
         if limit is not None and recipe.data.max_length > limit:
-            raise ConfigError(
-                recipe.source, "data.max_length",
+            raise recipe.error(
+                "data.max_length",
                 f"{recipe.data.max_length} tokens is longer than {role} has positions for: {limit} "
                 f"({config.model_type}, {name}); set data.max_length {limit} or less",
             )  # fmt: skip
@@ -122,9 +121,19 @@ def new_student(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch
 
 
 def parameter_count(recipe: Recipe, config: PretrainedConfig) -> int:
-    """The student's parameters, counted on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in new_student(recipe, config, Needs()).parameters())
+    """The student's parameters, counted on the meta device: shapes only, no memory. A config its family cannot
+    build (a width that is not a multiple of the heads, say) is refused here, at start, naming the recipe key that
+    made it, instead of as transformers' traceback after the teacher has loaded."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in new_student(recipe, config, Needs()).parameters())
+    except (ValueError, TypeError, AssertionError, RuntimeError, IndexError) as e:
+        s = recipe.student
+        key = (
+            f"student.overrides.{next(iter(s.overrides))}" if len(s.overrides) == 1 else "student.overrides"
+        ) if s.overrides else "student.path" if s.path else "teacher.path"  # fmt: skip
+        said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise recipe.error(key, f"the student's config cannot be built ({config.model_type}): {said}") from None
 
 
 def from_config(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
@@ -146,8 +155,7 @@ def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn
     target = student.base_model.state_dict()
     missing = [k for k in target if k not in source and not k.endswith("position_ids")]
     if missing:
-        raise ConfigError(
-            recipe.source,
+        raise recipe.error(
             "student.init",
             f"the teacher has no weights for student parameters {missing[:3]}: "
             "'teacher_layers' needs a student of the teacher's architecture",
@@ -167,8 +175,7 @@ def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn
             if key not in source:
                 continue
             if source[key].shape != tensor.shape:
-                raise ConfigError(
-                    recipe.source,
+                raise recipe.error(
                     "student.overrides",
                     f"{key}: student shape {tuple(tensor.shape)} != teacher {tuple(source[key].shape)}",
                 )
@@ -186,7 +193,7 @@ def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Mod
     try:
         model = cls.from_pretrained(hub.location(recipe.student.path), **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(recipe.source, "student.path", hub.load_error(recipe.student.path, e)) from None
+        raise recipe.error("student.path", hub.load_error(recipe.student.path, e)) from None
     return model
 
 

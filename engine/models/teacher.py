@@ -18,7 +18,7 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from ..config import ConfigError, Recipe, resolve_precision
+from ..config import Recipe, resolve_precision
 from ..runtime import hub
 from ..runtime.distributed import bf16_supported
 from .outputs import Needs, attn_implementation, mlm_head
@@ -52,13 +52,12 @@ def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn
             kwargs["attn_implementation"] = implementation
         model, info = cls.from_pretrained(location, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(recipe.source, "teacher.path", hub.load_error(recipe.teacher.path, e)) from None
+        raise recipe.error("teacher.path", hub.load_error(recipe.teacher.path, e)) from None
     if needs.logits:
         head_params = {n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")}
         missing = [k for k in info.get("missing_keys", []) if k in head_params]
         if missing:
-            raise ConfigError(
-                recipe.source,
+            raise recipe.error(
                 "teacher.path",
                 f"{recipe.teacher.path!r} has no trained masked-LM head (missing {', '.join(sorted(missing)[:3])}...), "
                 "but a logit term (logit_kl, soft_ce) needs teacher logits; drop the term or use a teacher with an MLM head",

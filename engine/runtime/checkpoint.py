@@ -11,7 +11,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +24,7 @@ from deepspeed.checkpoint.constants import (
 )
 
 from . import faults
-from .files import write_atomic
+from .files import replace_dir, write_atomic
 from .health import JobError
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,7 @@ def set_rng_state(state: dict) -> None:
 
 
 META = "biodistill.json"  # the job shape and data position, beside DeepSpeed's files in every tag
+STUDENT_MARKER = "distillation.json"  # in every student export: what it was distilled from, and that it is ours
 
 
 class CheckpointError(JobError):
@@ -72,6 +72,7 @@ def save(
     root, tag, rank = Path(directory), f"step{step}", dist.get_rank()
     tmp = f".{tag}.tmp"
     faults.hit("save.begin", step)
+    refuse_nonfinite(engine.module, step, root, f"checkpoint {root / tag}")
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".step*.tmp"):  # left by a save that was killed
@@ -88,6 +89,7 @@ def save(
         "consumed_samples": consumed * micro * world,  # the position in the (world-independent) sample order
         "zero_stage": engine.zero_optimization_stage(),
         "bf16": engine.bfloat16_enabled(),
+        "recipe": recipe,  # what it was made from: a resume that differs is told, or refused (runtime/resume.py)
     }
     client = {
         "step": step,
@@ -127,7 +129,9 @@ def save(
 
 
 def _publish(root: Path, tmp: str, tag: str, job: dict, step: int, keep: int) -> None:
-    """Rank 0: declare ``tmp`` complete, rename it to ``tag``, move ``latest``, prune old tags."""
+    """Rank 0: record every file's size and sha256, declare ``tmp`` complete, rename it to ``tag``, move
+    ``latest``, prune old tags."""
+    job = {**job, "files": digests(root / tmp)}
     write_atomic(root / tmp / META, json.dumps(job, indent=2))
     faults.hit("save.meta", step)
     if (root / tag).exists():  # saved before by a run killed before `latest` moved to it
@@ -141,6 +145,38 @@ def _publish(root: Path, tmp: str, tag: str, job: dict, step: int, keep: int) ->
         for old in complete_tags(root)[:-keep]:
             faults.hit("save.prune", step)
             _remove(root, old)
+
+
+def digests(folder: Path) -> dict[str, list]:
+    """``{relative path: [bytes, sha256]}`` of every file under ``folder``: what a resume checks the checkpoint
+    against, so that a file cut short or changed is named before anything loads it."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META):
+        out[str(path.relative_to(folder))] = [path.stat().st_size, digests_of(path)]
+    return out
+
+
+def damage(folder: Path, files: dict[str, list]) -> Optional[str]:
+    """What is wrong with the files of the checkpoint ``folder`` against the sizes and sha256 its save recorded
+    (None: whole). Sizes first, so a cut file is named without reading the others."""
+    for name, (size, _) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is {path.stat().st_size:,} bytes, {size:,} when it was saved (cut short or overwritten)"
+    for name, (_, sha) in files.items():
+        if digests_of(folder / name) != sha:
+            return f"{folder / name} does not have the sha256 it was saved with (changed on disk)"
+    return None
+
+
+def digests_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _remove(root: Path, tag: str) -> None:
@@ -217,7 +253,25 @@ def find(directory: str, tag: Optional[str] = None) -> Optional[tuple[str, dict]
         raise FileNotFoundError(
             f"checkpoint {root / tag} is incomplete (no {META}): its save was interrupted; resume from an earlier tag"
         )
-    return tag, json.loads((root / tag / META).read_text())
+    job = json.loads((root / tag / META).read_text())
+    wrong = damage(root / tag, job.get("files", {}))
+    if wrong is not None:
+        whole = next(
+            (t for t in reversed(complete_tags(root)) if int(t[4:]) < job["step"] and whole_tag(root, t)), None
+        )
+        instead = (
+            f"the newest whole checkpoint before it is {whole}: --resume {whole}"
+            if whole
+            else "no earlier checkpoint is whole"
+        )
+        raise FileNotFoundError(f"checkpoint {root / tag} is damaged: {wrong}; {instead}")
+    return tag, job
+
+
+def whole_tag(root: Path, tag: str) -> bool:
+    """Whether checkpoint ``tag`` is complete and every file is as its save recorded."""
+    meta = root / tag / META
+    return meta.is_file() and damage(root / tag, json.loads(meta.read_text()).get("files", {})) is None
 
 
 def needs_universal(directory: str, tag: str, job: dict, world: int) -> bool:
@@ -256,7 +310,9 @@ def _convert_to_universal(root: Path, tag: str, out_tag: str) -> None:
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(proc.stderr[-3000:])
-    shutil.copy(root / tag / META, tmp / META)  # copied last: its presence marks a finished conversion
+    job = json.loads((root / tag / META).read_text())
+    job["files"] = digests(tmp)  # the converted files' own, for a resume from this tag
+    write_atomic(tmp / META, json.dumps(job, indent=2))  # written last: its presence marks a finished conversion
     shutil.rmtree(root / out_tag, ignore_errors=True)
     os.rename(tmp, root / out_tag)
 
@@ -301,9 +357,37 @@ def weights_digest(engine, module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def export(state_dict: dict, student: torch.nn.Module, tokenizer, out_dir: str) -> Path:
-    """Write the student as a Hugging Face directory (config, safetensors, tokenizer), whole or not at
-    all: it is written beside the target and renamed into place. Rank 0 only."""
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters of ``module`` that hold inf or NaN on any rank (each rank reads its own ZeRO-3
+    partition); every rank calls it and gets the same list. One device-to-host read a call: save points only."""
+    params = [(name, getattr(p, "ds_tensor", p)) for name, p in module.named_parameters()]
+    flags = torch.stack([~torch.isfinite(t).all() if t.numel() else torch.zeros((), dtype=torch.bool, device=t.device)
+                         for _, t in params]).int()  # fmt: skip
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [name for (name, _), bad in zip(params, flags.tolist()) if bad]
+
+
+class NonFiniteWeights(JobError):
+    """The student's weights hold inf or NaN: nothing is saved or exported over the last good files."""
+
+
+def refuse_nonfinite(module: torch.nn.Module, step: int, directory: Path, what: str) -> None:
+    """Raise NonFiniteWeights on every rank when ``module``'s weights are not finite, naming them and the
+    checkpoint that is still the latest good one."""
+    bad = nonfinite_parameters(module)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteWeights(
+            f"step {step}: the student's weights are not finite ({', '.join(bad[:3])}{more}): the {what} was not "
+            f"written; {_previous(directory)}. A learning rate too large for this model (optim.lr) is the usual cause"
+        )
+
+
+def export(state_dict: dict, student: torch.nn.Module, tokenizer, out_dir: str, record: dict) -> Path:
+    """Write the student as a Hugging Face directory (config, safetensors, tokenizer, and ``record`` as
+    distillation.json), whole or not at all: it is written beside the target and renamed into place, replacing
+    only a previous student export (runtime/files.py). Rank 0 only."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -312,9 +396,6 @@ def export(state_dict: dict, student: torch.nn.Module, tokenizer, out_dir: str) 
     student.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    old = out.parent / f".{out.name}.old-{int(time.time())}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    (tmp / STUDENT_MARKER).write_text(json.dumps(record, indent=1, default=str))
+    replace_dir(tmp, out, STUDENT_MARKER, "student export")
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from ..config import ConfigError, Recipe, load_deepspeed_json, resolve_path
+from ..config import ConfigError, Recipe, json_precision, load_deepspeed_json, resolve_path
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ def check_deepspeed_json(recipe: Recipe, world: int, hidden: int) -> list[str]:
         return []
     path = str(resolve_path(recipe.deepspeed.config))
     filled = deepspeed_config(recipe, world, hidden)  # the JSON with every "auto" resolved from the recipe
+    deepspeed_reads(filled, path, world)
     batch = dict(zip(_BATCH_KEYS, _deepspeed_batch(path, *(filled.get(k) for k in _BATCH_KEYS), world)))
     notes = []
     for json_key, recipe_key, ours in _JSON_SETS:
@@ -214,7 +216,93 @@ def check_deepspeed_json(recipe: Recipe, world: int, hidden: int) -> list[str]:
                 f"the flag, or change {json_key} in the JSON (\"auto\" takes the recipe's value)",
             )  # fmt: skip
         notes.append(f"{path} sets {json_key} {theirs!r}, over the recipe's {recipe_key} {ours(recipe, world)!r}")
+    trained, written = json_precision(recipe), recipe.train.precision
+    if trained is not None and written not in ("auto", trained):
+        if "train.precision" in recipe.flags:
+            raise ConfigError(
+                recipe.flags["train.precision"], "train.precision",
+                f"{written!r}, but {path} makes DeepSpeed train in {trained}: drop the flag, or change fp16/bf16 "
+                "\"enabled\" in the JSON (\"auto\" takes the recipe's value)",
+            )  # fmt: skip
+        notes.append(f"{path} trains in {trained}, over the recipe's train.precision {written!r}: the teacher, the "
+                     "memory plan, the summary and the export follow the JSON")  # fmt: skip
     return notes
+
+
+def check_precision(recipe: Recipe) -> None:
+    """The job's precision is one this device trains in: DeepSpeed refuses fp16 without a GPU, after every model
+    was built. Refused here instead, naming the flag, the recipe key or the JSON that asked for it."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    trained = json_precision(recipe)
+    if (trained or recipe.train.precision) != "fp16":
+        return
+    where, key = (str(resolve_path(recipe.deepspeed.config)), "fp16.enabled") if trained else (
+        recipe.where("train.precision"), "train.precision")  # fmt: skip
+    raise ConfigError(where, key, "fp16 does not train on a CPU (DeepSpeed's loss-scaled fp16 is for GPUs): use "
+                      "bf16 or fp32 here, or \"auto\" (fp32 on a CPU, bf16 or fp16 on a GPU)")  # fmt: skip
+
+
+def deepspeed_reads(config: dict, path: str, world: int) -> None:
+    """Refuse a key of a user's DeepSpeed JSON that DeepSpeed does not read (``zero_optimisation``,
+    ``gradient_cliping``: DeepSpeed ignores them in silence and trains ZeRO-0 without clipping), with the closest
+    key it does read; and a value its own config models reject, before any model is built.
+
+    The keys DeepSpeed reads are not written down here: its own config parser (``DeepSpeedConfig``) is run over
+    the JSON with every key lookup recorded, so the list is the installed DeepSpeed's. Its sections are pydantic
+    models that refuse unknown fields themselves; their errors are raised here, naming the key."""
+    import copy
+
+    import pydantic
+    from deepspeed.runtime import config as ds
+
+    read: set[str] = set()
+
+    class Keys(list):
+        def __contains__(self, key):
+            read.add(key)
+            return list.__contains__(self, key)
+
+    class Recording(dict):
+        def get(self, key, *default):
+            read.add(key)
+            return dict.get(self, key, *default)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return dict.__getitem__(self, key)
+
+        def __contains__(self, key):
+            read.add(key)
+            return dict.__contains__(self, key)
+
+        def keys(self):
+            return Keys(dict.keys(self))
+
+    try:
+        ds._reject_removed_config_keys(config)
+    except ds.DeepSpeedConfigError as e:
+        raise ConfigError(path, "", str(e)) from None
+    probe = ds.DeepSpeedConfig.__new__(ds.DeepSpeedConfig)
+    probe.world_size, probe.global_rank, probe._param_dict = world, 0, Recording(config)
+    try:
+        probe._initialize_params(copy.copy(probe._param_dict))
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        section = next(
+            (k for k in config if isinstance(config[k], dict) and first["loc"] and first["loc"][0] in config[k]), ""
+        )
+        key = ".".join(str(p) for p in (section, *first["loc"]) if p != "")
+        said = "DeepSpeed does not read this key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(path, key, f"{said} ({e.title})") from None
+    except Exception:  # a value DeepSpeed judges later, as it would have anyway; the keys read so far are known
+        pass
+    for key in config:
+        if key not in read:
+            close = difflib.get_close_matches(key, sorted(read), n=1, cutoff=0.75)
+            hint = f"did you mean '{close[0]}'?" if close else "see DeepSpeed's configuration documentation"
+            raise ConfigError(path, key, f"DeepSpeed does not read this key, and would ignore it ({hint})")
 
 
 def _deepspeed_batch(path: str, tb, mb, ga, world: int) -> tuple[int, int, int]:
@@ -264,8 +352,7 @@ def grad_accum(recipe: Recipe, world: int) -> int:
         return t.grad_accum
     per_micro_step = t.micro_batch_size * world
     if t.global_batch_size % per_micro_step:
-        raise ConfigError(
-            recipe.source,
+        raise recipe.error(
             "train.global_batch_size",
             f"{t.global_batch_size} is not a multiple of train.micro_batch_size x world size "
             f"= {t.micro_batch_size} x {world}; change one of them",

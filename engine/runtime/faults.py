@@ -41,6 +41,7 @@ POINTS = (
     "train.micro",  # after the teacher and student forwards of a micro-batch, before its backward
     "train.step",  # after the optimizer step, before the step is counted
     "train.loss",  # nan: the student loss of a micro-batch
+    "train.weights",  # nan: the student's first weight after an optimizer step (what a diverged update leaves)
     "teacher.outputs",  # nan: the teacher's outputs for a micro-batch (an fp16 overflow, in effect)
     "eval.batch",  # each held-out batch of an evaluation
     "save.begin",  # a checkpoint save starts
@@ -137,3 +138,13 @@ def poison(point: str, tensor: torch.Tensor, step: Optional[int] = None) -> torc
     if _triggered(point, step, ("nan",)) is None:
         return tensor
     return tensor * float("nan")
+
+
+def poison_weights(point: str, parameters, step: Optional[int] = None) -> None:
+    """Make the first of ``parameters`` NaN in place (this rank's ZeRO-3 partition of it) when a ``nan`` failpoint
+    is armed here."""
+    if _triggered(point, step, ("nan",)) is None:
+        return
+    first = next(iter(parameters))
+    with torch.no_grad():
+        getattr(first, "ds_tensor", first).fill_(float("nan"))

@@ -40,6 +40,7 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
         for key, path in data_files(r.data, r.source):
             _readable(r, key, path)
     _writable(r, "train.output_dir", Path(r.train.output_dir))
+    written_paths(r)
     if r.data.train_files and not r.data.streaming:
         _writable(r, "data.cache_dir", resolve_path(r.data.cache_dir))
     resume_point(r, resume)
@@ -47,7 +48,41 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
                                ("student.path", r.student.path, r.student.init == "checkpoint")):  # fmt: skip
         missing = hub.check_cached(name, weights) if name else None
         if missing:  # an offline node: fail now, not after the process group and the hub client's retries
-            raise ConfigError(r.source, key, missing)
+            raise r.error(key, missing)
+
+
+def job_paths(r: Recipe) -> tuple[list[Path], list[Path]]:
+    """(directories, files) the job writes under ``train.output_dir``: each must be absent or of its kind."""
+    out = Path(r.train.output_dir)
+    dirs = [out / "checkpoints"]
+    if r.deepspeed.tensorboard or r.deepspeed.csv:
+        dirs.append(out / "monitor")
+    if r.train.sample_log:
+        dirs.append(out / "samples")
+    return dirs, [out / "metrics.jsonl", out / "summary.json", out / "deepspeed_config.json"]
+
+
+def written_paths(r: Recipe) -> None:
+    """Every path the job will write, checked now: a file where a directory goes (or the reverse), or a student
+    export over something that is not one, would otherwise fail the job at its first save or at the end, after
+    all the compute."""
+    from .checkpoint import STUDENT_MARKER
+    from .files import not_replaceable
+
+    key = "train.output_dir"
+    dirs, files = job_paths(r)
+    for path in dirs:
+        if path.exists() and not path.is_dir():
+            raise r.error(key, f"{path} is a file, where the job writes a directory: move it away, or choose another "
+                          "train.output_dir")  # fmt: skip
+    for path in files:
+        if path.is_dir():
+            raise r.error(key, f"{path} is a directory, where the job writes a file: move it away, or choose another "
+                          "train.output_dir")  # fmt: skip
+    if r.train.export:
+        refusal = not_replaceable(Path(r.train.output_dir) / "student", STUDENT_MARKER, "student export")
+        if refusal is not None:
+            raise r.error(key, refusal)
 
 
 def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[tuple[str, dict]]:
@@ -57,33 +92,93 @@ def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[tuple[str, d
     directory = Path(recipe.train.output_dir) / "checkpoints"
     if resume is None:
         if (directory / "latest").is_file():
-            raise ConfigError(
-                recipe.source, "train.output_dir",
+            raise recipe.error(
+                "train.output_dir",
                 f"{directory} already holds checkpoints (latest: {(directory / 'latest').read_text().strip()}); "
                 "pass --resume to continue from them, or choose another train.output_dir",
             )  # fmt: skip
         return None
     try:
-        return checkpoint.find(str(directory), resume or None)
+        found = checkpoint.find(str(directory), resume or None)
     except FileNotFoundError as e:
         raise ConfigError("--resume", "", str(e)) from None
+    if found is not None and "recipe" in found[1]:
+        refused, _ = recipe_changes(found[1]["recipe"], recipe)
+        if refused:
+            keys = ", ".join(f"{k} ({before!r} -> {now!r})" for k, before, now in refused)
+            raise ConfigError(
+                "--resume", refused[0][0],
+                f"{directory / found[0]} was made under another recipe: {keys}. These change {_what(refused)}, so "
+                "the checkpoint cannot continue under them: resume with the recipe it was made with, or train "
+                "afresh in another train.output_dir (its student can start one: student.init checkpoint)",
+            )  # fmt: skip
+    return found
+
+
+# Recipe keys a resumed job may not change. The student's shape and source, the teacher it learns from and the terms'
+# layer maps and projections make the checkpoint's weights what they are; the data keys fix which sequences the saved
+# read position counts (a resume reads every sequence once, from where the checkpoint stopped).
+_MODEL_KEYS = ("teacher.path", "teacher.vocab_map", "student.", "losses.terms")
+_DATA_KEYS = tuple(
+    f"data.{k}"
+    for k in ("train_files", "dataset", "dataset_config", "dataset_split", "text_field", "max_length", "packing",
+              "long_documents", "note_categories", "note_types", "deid", "require_abstract", "pmc_parts",
+              "pmc_section_titles", "pmc_require_body", "heldout_fraction", "seed", "streaming")
+)  # fmt: skip
+# Resolved at run time, so the checkpoint holds the concrete value where the recipe may say "auto"; and the output
+# directory, which a copied run legitimately changes.
+_RESOLVED = ("train.precision", "teacher.dtype", "train.output_dir", "deepspeed.config")
+
+
+def recipe_changes(saved: dict, recipe: Recipe) -> tuple[list, list]:
+    """``(refused, noted)``: the recipe keys that differ between a checkpoint's recipe and this one, each as
+    ``(key, saved value, value now)``; refused are those a resume cannot honour, noted the rest (a longer
+    train.max_steps, a new learning rate: the job continues under them and says so)."""
+    before, now = _leaves(_comparable(saved)), _leaves(_comparable(recipe.to_dict()))
+    changed = [
+        (k, before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)
+    ]
+    changed = [c for c in changed if not (c[0] in _RESOLVED and (c[2] == "auto" or c[0] in _RESOLVED[2:]))]
+    refused = [c for c in changed if c[0].startswith(_MODEL_KEYS + _DATA_KEYS)]
+    return refused, [c for c in changed if c not in refused]
+
+
+def _comparable(recipe: dict) -> dict:
+    """The terms without their weights and temperatures: those change the objective, not what the weights are."""
+    terms = recipe.get("losses", {}).get("terms", [])
+    fixed = [{k: v for k, v in t.items() if k not in ("weight", "temperature")} for t in terms]
+    weights = {f"losses.weights[{i}]": [t.get("weight"), t.get("temperature")] for i, t in enumerate(terms)}
+    return {**recipe, "losses": {**recipe.get("losses", {}), "terms": fixed, **weights}}
+
+
+def _leaves(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict) and v and k != "overrides":
+            out |= _leaves(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _what(refused: list) -> str:
+    kinds = {"the model the checkpoint holds" if k.startswith(_MODEL_KEYS) else "which sequences its read position counts" for k, *_ in refused}  # fmt: skip
+    return " and ".join(sorted(kinds))
 
 
 def _model_dir(r: Recipe, key: str, path: str) -> None:
     where = resolve_path(path)
     if not where.is_dir():
         what = "not a directory" if where.exists() else "not found"
-        raise ConfigError(
-            r.source, key, f"{path}: {what} (a Hugging Face model directory, pkg://package/dir, or a hub name)"
-        )
+        raise r.error(key, f"{path}: {what} (a Hugging Face model directory, pkg://package/dir, or a hub name)")
     config = where / "config.json"
     if not config.is_file():
-        raise ConfigError(r.source, key, f"{where} has no config.json: not a Hugging Face model directory")
+        raise r.error(key, f"{where} has no config.json: not a Hugging Face model directory")
     _readable(r, key, config)
     try:
         json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(r.source, key, f"{config} is not valid JSON: {e}") from None
+        raise r.error(key, f"{config} is not valid JSON: {e}") from None
 
 
 def _readable(r: Recipe, key: str, path: Path) -> None:
@@ -91,7 +186,7 @@ def _readable(r: Recipe, key: str, path: Path) -> None:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as e:
-        raise ConfigError(r.source, key, f"cannot read {path}: {e.strerror}") from None
+        raise r.error(key, f"cannot read {path}: {e.strerror}") from None
 
 
 def _writable(r: Recipe, key: str, directory: Path) -> None:
@@ -101,7 +196,7 @@ def _writable(r: Recipe, key: str, directory: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(r.source, key, f"cannot write in {directory}: {e.strerror}") from None
+        raise r.error(key, f"cannot write in {directory}: {e.strerror}") from None
 
 
 def room_for_a_checkpoint(r: Recipe, params: int) -> None:
@@ -111,8 +206,8 @@ def room_for_a_checkpoint(r: Recipe, params: int) -> None:
     existing = directory if directory.exists() else directory.parent
     free = shutil.disk_usage(existing).free
     if free < need:
-        raise ConfigError(
-            r.source, "train.output_dir",
+        raise r.error(
+            "train.output_dir",
             f"{existing} has {free / 2**20:.1f} MiB free; a checkpoint of this student needs about "
             f"{need / 2**20:.1f} MiB ({params:,} parameters x {CHECKPOINT_BYTES_PER_PARAM} bytes: weights and "
             "AdamW moments): free some space or choose another train.output_dir",

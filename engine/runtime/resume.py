@@ -34,6 +34,10 @@ def find_checkpoint(recipe: Recipe, resume: Optional[str], dist: Dist) -> Option
             tqdm.write(f"[biodistill] --resume: no checkpoint in {directory}; starting from step 0")
         return None
     tag, job = found
+    if dist.is_main and "recipe" in job:
+        _, noted = preflight.recipe_changes(job["recipe"], recipe)
+        for key, before, now in noted:
+            tqdm.write(f"[biodistill] --resume: {key} was {before!r} in {directory / tag}, is {now!r} now")
     if recipe.data.streaming and job["world_size"] != dist.world:
         raise ConfigError(
             "--resume", "data.streaming",
