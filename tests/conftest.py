@@ -174,12 +174,14 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def launch(
-    recipe: Path, *extra: str, ranks: int = 2, module: bool = False, timeout: int = 600
+    recipe: Path, *extra: str, ranks: int = 2, module: bool = False, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """A real ``deepspeed`` launch of the training entry point with ``ranks`` CPU ranks on loopback."""
     cmd = deepspeed_cmd(recipe, *extra, ranks=ranks, module=module)
     with shm_released() as leaked:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(), cwd=REPO)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=job_env(**(env or {})), cwd=REPO
+        )
     proc.leaked_shm = leaked
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
@@ -199,6 +201,16 @@ def matrix(recipe: Path | None, out: Path, settings: dict[str, list[str]], *flag
         proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (links as links), by relative path, with its bytes: what "nothing the user had is
+    lost or changed" is checked against."""
+    return {
+        str(p.relative_to(root)): (os.readlink(p).encode() if p.is_symlink() else p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file() or p.is_symlink()
+    }
 
 
 def csv_metric(run_dir: Path, name: str) -> dict[int, float]:

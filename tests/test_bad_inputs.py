@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir, recipe_dict, swapped_student, write_recipe
+from conftest import files_under, minilm_dir, recipe_dict, swapped_student, write_recipe
 
 from biodistill.engine import cli
 from biodistill.engine.data import cache as prepare
@@ -35,6 +35,8 @@ class Case:
     argv: list[str] = field(default_factory=list)  # more command-line arguments
     env: dict[str, str] = field(default_factory=dict)
     prepare: bool = False  # run biodistill-prepare instead of the trainer
+    text: Callable[[str], str] = lambda yaml_text: yaml_text  # change the recipe file's text (what a dict cannot say)
+    twice: str = ""  # the start of a line written twice by ``text``: {first} and {second} are the lines it is on
 
 
 def put(dotted: str, value) -> Callable[[dict, Path], None]:
@@ -370,6 +372,124 @@ CASES = [
         put("data.train_files", lambda tmp: [write("NOTEEVENTS.csv", "ROW_ID,CATEGORY,ISERROR\n1,Nursing,\n")(tmp)]),
         prepare=True,
     ),
+    # ------------------------------------------------------------------------------- third round (issue 39)
+    Case(
+        "checkpoints-is-a-file",
+        "{r}: train.output_dir: {out}/checkpoints is a file, where the job writes a directory: move it away, or "
+        "choose another train.output_dir",
+        lambda recipe, tmp: write("run/checkpoints", "my notes")(tmp),
+    ),
+    Case(
+        "summary-is-a-directory",
+        "{r}: train.output_dir: {out}/summary.json is a directory, where the job writes a file: move it away, or "
+        "choose another train.output_dir",
+        lambda recipe, tmp: write("run/summary.json/keep.txt", "mine")(tmp),
+    ),
+    Case(
+        "student-export-over-a-model",
+        "{r}: train.output_dir: {out}/student exists and is not a previous student export (it has no "
+        "distillation.json): refusing to replace it; choose a new path, or move it away yourself",
+        lambda recipe, tmp: write("run/student/model.safetensors", "fine-tuned weights")(tmp),
+    ),
+    Case("lr-inf", "command line --optim.lr: optim.lr: expected a finite number, got inf", argv=["--optim.lr", ".inf"]),
+    Case(
+        "all-weights-zero",
+        "{r}: losses.terms: every term's weight is 0: the student would learn nothing; give at least one term a "
+        "positive weight",
+        put("losses.terms", [{**TERMS[0], "weight": 0}, {**TERMS[1], "weight": 0.0}]),
+    ),
+    Case(
+        "weight-inf",
+        "{r}: losses.terms[1].weight: expected a finite number, got inf",
+        put("losses.terms", [TERMS[0], {**TERMS[1], "weight": float("inf")}]),
+    ),
+    Case(
+        "temperature-inf",
+        "command line --losses.temperature: losses.temperature: expected a finite number, got inf",
+        argv=["--losses.temperature", ".inf"],
+    ),
+    Case(
+        "section-twice",
+        "{r}: train: written twice, at lines {first} and {second}; YAML would keep only the second: merge them "
+        "into one",
+        text=lambda t: t + "train:\n  max_steps: 3\n",
+        twice="train:",
+    ),
+    Case(
+        "key-twice-in-a-term",
+        "{r}: losses.terms[0].weight: written twice, at lines {first} and {second}; YAML would keep only the "
+        "second: merge them into one",
+        text=lambda t: t.replace("    weight: 1.0\n", "    weight: 1.0\n    weight: 0.0\n", 1),
+        twice="    weight:",
+    ),
+    Case(
+        "deepspeed-json-misspelt-section",
+        "{tmp}/ds.json: zero_optimisation: DeepSpeed does not read this key, and would ignore it (did you mean "
+        "'zero_optimization'?)",
+        deepspeed_json('{"train_micro_batch_size_per_gpu": 4, "zero_optimisation": {"stage": 2}}'),
+    ),
+    Case(
+        "deepspeed-json-misspelt-clipping",
+        "{tmp}/ds.json: gradient_cliping: DeepSpeed does not read this key, and would ignore it (did you mean "
+        "'gradient_clipping'?)",
+        deepspeed_json('{"train_micro_batch_size_per_gpu": 4, "gradient_cliping": 1.0}'),
+    ),
+    Case(
+        "deepspeed-json-misspelt-zero-field",
+        "{tmp}/ds.json: zero_optimization.stagee: DeepSpeed does not read this key (DeepSpeedZeroConfig)",
+        deepspeed_json('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stagee": 2}}'),
+    ),
+    Case(
+        "deepspeed-json-precision-contradicts-a-flag",
+        "command line --train.precision: train.precision: 'fp32', but {tmp}/ds.json makes DeepSpeed train in bf16: "
+        'drop the flag, or change fp16/bf16 "enabled" in the JSON ("auto" takes the recipe\'s value)',
+        deepspeed_json('{"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": true}}'),
+        argv=["--train.precision", "fp32"],
+    ),
+    Case(
+        "deepspeed-json-fp16-and-bf16",
+        "{tmp}/ds.json: bf16.enabled: fp16 and bf16 are both enabled: DeepSpeed trains in one; disable one of them",
+        deepspeed_json('{"train_micro_batch_size_per_gpu": 4, "fp16": {"enabled": true}, "bf16": {"enabled": true}}'),
+    ),
+    Case(
+        "fp16-on-a-cpu",
+        "command line --train.precision: train.precision: fp16 does not train on a CPU (DeepSpeed's loss-scaled fp16 "
+        'is for GPUs): use bf16 or fp32 here, or "auto" (fp32 on a CPU, bf16 or fp16 on a GPU)',
+        argv=["--train.precision", "fp16"],
+    ),
+    Case(
+        "deepspeed-json-fp16-on-a-cpu",
+        "{tmp}/ds.json: fp16.enabled: fp16 does not train on a CPU (DeepSpeed's loss-scaled fp16 is for GPUs): use "
+        'bf16 or fp32 here, or "auto" (fp32 on a CPU, bf16 or fp16 on a GPU)',
+        deepspeed_json('{"train_micro_batch_size_per_gpu": 4, "fp16": {"enabled": true}}'),
+    ),
+    Case(
+        "student-path-with-teacher-layers",
+        "command line --student.path: student.path: '{tmp}/other' would not be read: student.init 'teacher_layers' "
+        "builds the student from the teacher's layers; drop student.path, or set student.init: checkpoint to "
+        "continue from it",
+        argv=["--student.path", "{tmp}/other"],
+    ),
+    Case(
+        "depth-override-with-teacher-layers",
+        "command line --student.overrides: student.overrides.num_hidden_layers: 1 contradicts student.teacher_layers "
+        "[0, 2]: a student copied from teacher layers has one layer per entry (2); drop the override",
+        argv=["--student.overrides", "{num_hidden_layers: 1}"],
+    ),
+    Case(
+        "heads-do-not-divide-the-width",
+        "command line --student.overrides: student.overrides.num_attention_heads: the student's config cannot be "
+        "built (bert): The hidden size (64) is not a multiple of the number of attention heads (5)",
+        put("student", {"init": "config", "mlm_head": True}),
+        argv=["--student.overrides", "{num_attention_heads: 5}"],
+    ),
+    Case(
+        "train-file-is-a-directory",
+        "command line --data.train_files: data.train_files[0]: {tmp}/notes is a directory; give a glob such as "
+        "{tmp}/notes/*.jsonl",
+        lambda recipe, tmp: write("notes/a.jsonl", '{"text": "x"}\n')(tmp),
+        argv=["--data.train_files", "[{tmp}/notes]"],
+    ),
 ]
 
 
@@ -378,17 +498,24 @@ def test_bad_input_gets_its_exact_error(case, tmp_path, tiny_teacher, tiny_corpu
     recipe = recipe_dict(tiny_teacher, tiny_corpus, tmp_path, TERMS)
     case.edit(recipe, tmp_path)
     path = write_recipe(tmp_path / "r.yaml", recipe)
+    path.write_text(case.text(path.read_text()))
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
+    before = files_under(tmp_path)
     run = prepare.main if case.prepare else cli.main
-    code = run(["--config", str(path), *case.argv])
+    code = run(["--config", str(path), *(a.replace("{tmp}", str(tmp_path)) for a in case.argv)])
     program = "biodistill-prepare" if case.prepare else "biodistill"
     vocab = (MINI / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    first, second, *_ = [
+        n for n, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(case.twice or "\0")
+    ] + [0, 0]
     expected = case.error.format(
-        r=path, tmp=tmp_path, out=tmp_path / "run", cwd=os.getcwd(), teacher=tiny_teacher, a=vocab[2001], b=vocab[2000]
-    )
+        r=path, tmp=tmp_path, out=tmp_path / "run", cwd=os.getcwd(), teacher=tiny_teacher, a=vocab[2001], b=vocab[2000],
+        first=first, second=second,
+    )  # fmt: skip
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"{program}: error: {expected}"
+    assert files_under(tmp_path) == before  # nothing the user had is lost or changed, byte for byte
     assert not torch.distributed.is_initialized()  # found before the job joined a process group
     # The signals are this process's again (a subprocess started from here inherits the mask).
     assert not {signal.SIGTERM, signal.SIGUSR1} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -501,3 +628,32 @@ def test_deepspeed_json_is_read_as_deepspeed_reads_it(tmp_path, tiny_teacher, ti
     with pytest.raises(ConfigError) as e:
         check({"train_micro_batch_size_per_gpu": 0})
     assert (e.value.key, e.value.message) == ("train_micro_batch_size_per_gpu", "must be a positive integer, got 0")
+
+
+def test_the_deepspeed_json_s_precision_is_the_whole_job_s(tmp_path, tiny_teacher, tiny_corpus):
+    """A JSON that decides fp16/bf16 decides it for every part of the job, as it does for DeepSpeed: the teacher's
+    dtype, the memory plan and the summary read the resolved recipe. (A JSON in fp16 beside a recipe's "auto" on a
+    bf16 GPU gave a bf16 teacher beside an fp16 engine.) A recipe-file value it replaces is said."""
+    from biodistill.engine.config import load_recipe, resolve_precision
+
+    def resolved(body: dict, *flags: str, device: str = "cuda"):
+        (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, **body}))
+        raw = recipe_dict(tiny_teacher, tiny_corpus, tmp_path, TERMS, deepspeed={"config": str(tmp_path / "ds.json")})
+        recipe = load_recipe(write_recipe(tmp_path / "r.yaml", raw), list(flags))
+        r = resolve_precision(recipe, device, bf16_supported=True)
+        return r.train.precision, r.teacher.dtype, check_deepspeed_json(recipe, 1, 64)
+
+    assert resolved({"fp16": {"enabled": True}}) == ("fp16", "fp16", [])
+    assert resolved({"bf16": {"enabled": True}}, device="cpu") == ("bf16", "fp32", [])  # a CPU teacher stays fp32
+    assert resolved({"bf16": {"enabled": "auto"}}) == ("bf16", "bf16", [])  # "auto": the recipe's own rule
+    assert resolved({}, device="cpu") == ("fp32", "fp32", [])
+    precision, teacher, notes = resolved({"bf16": {"enabled": True}}, "--teacher.dtype", "fp32")
+    assert (precision, teacher) == ("bf16", "fp32")  # an explicit teacher dtype is the user's
+    raw = recipe_dict(tiny_teacher, tiny_corpus, tmp_path, TERMS, train={"precision": "fp32"})
+    raw["deepspeed"]["config"] = str(tmp_path / "ds.json")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", raw))
+    assert resolve_precision(recipe, "cpu", False).train.precision == "bf16"
+    assert check_deepspeed_json(recipe, 1, 64) == [
+        f"{tmp_path / 'ds.json'} trains in bf16, over the recipe's train.precision 'fp32': the teacher, the memory "
+        "plan, the summary and the export follow the JSON"
+    ]

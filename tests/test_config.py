@@ -188,3 +188,16 @@ def test_auto_precision_fits_the_device(recipe_file):
     r = resolve_precision(load_recipe(recipe_file), "cuda", True)
     cfg = deepspeed_config(r, world=1)
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+
+
+def test_smoke_models_go_under_the_output_dir_a_flag_gives(tmp_path, tiny_teacher, tiny_corpus):
+    """--smoke with --train.output_dir: the random smoke models are written under the flag's directory, not the
+    recipe file's (which nothing creates); the flag has the last word over what --smoke changes."""
+    from biodistill.engine.models.smoke import smoke
+
+    raw = recipe_dict(tiny_teacher, tiny_corpus, tmp_path, [{"kind": "mlm"}], train={"output_dir": str(tmp_path / "file-out")})  # fmt: skip
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    recipe = load_recipe(path, ["--train.output_dir", str(tmp_path / "flag-out")], transform=smoke)
+    assert recipe.train.output_dir == str(tmp_path / "flag-out")
+    assert Path(recipe.teacher.path).parent == tmp_path / "flag-out-smoke" / "models"
+    assert not (tmp_path / "file-out").exists() and not (tmp_path / "file-out-smoke").exists()

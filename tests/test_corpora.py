@@ -371,3 +371,63 @@ def test_encoder_gives_the_tokenizer_s_own_ids(tokenizer, lowercase):
     expected = [e.ids for e in reference.encode_batch(texts, add_special_tokens=False)]
     assert Encoder(json.dumps(spec))(texts) == expected
     assert any(expected) and Encoder(json.dumps(spec)).ascii is not None
+
+
+def test_recursive_glob_over_symlink_loops_reads_each_file_once(tmp_path):
+    """``data/loop/{notes.jsonl, self -> ., up -> ../loop}`` under ``data/loop/**/*.jsonl``: glob follows the links
+    until the path is too long (biodistill-prepare printed nothing for 300 s; with one loop the file was read 41
+    times). Each real file is read once, and the command finishes."""
+    import os
+
+    loop = tmp_path / "data" / "loop"
+    loop.mkdir(parents=True)
+    (loop / "notes.jsonl").write_text(
+        "".join(json.dumps({"text": f"{a} Note {i}."}) + "\n" for i, a in enumerate(ABSTRACTS * 2))
+    )
+    os.symlink(".", loop / "self")
+    os.symlink("../loop", loop / "up")
+    (loop / "sub").mkdir()
+    (loop / "sub" / "more.jsonl").write_text(json.dumps({"text": ABSTRACTS[0]}) + "\n")
+    recipe = {
+        "teacher": {"path": MINILM},
+        "student": {"init": "config", "overrides": {"num_hidden_layers": 2}},
+        "losses": {"terms": [{"kind": "hidden_cosine"}]},
+        "data": {"train_files": [str(loop / "**" / "*.jsonl")], "cache_dir": str(tmp_path / "cache"), "packing": False},
+        "train": {"output_dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))
+    cmd = [sys.executable, "-m", "biodistill.engine.data.cache", "--config", str(path), "--data.max_length", "48"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "files 2, documents read 11" in done.stdout
+
+
+def test_a_file_deleted_while_it_is_read_is_bad_input(tmp_path, tokenizer, monkeypatch):
+    """A corpus file removed after the job listed it (a sync job, a cleanup) is handled by data.on_bad_input, like
+    any file that cannot be read: counted and skipped, or the error naming it; never a FileNotFoundError traceback
+    after the other files' work."""
+    first = tmp_path / "a.jsonl"
+    first.write_text("".join(json.dumps({"text": f"{a} First {i}."}) + "\n" for i, a in enumerate(ABSTRACTS * 2)))
+    second = tmp_path / "b.jsonl"
+    second.write_text(json.dumps({"text": ABSTRACTS[1]}) + "\n")
+    real_read = corpora.read
+
+    def read_then_delete(path, options, skipped):  # the second file goes while the first one is being read
+        if path == first and second.exists():
+            second.unlink()
+        return real_read(path, options, skipped)
+
+    monkeypatch.setattr(corpora, "read", read_then_delete)
+    files = [str(tmp_path / "*.jsonl")]
+    _, info = prep(tokenizer, tmp_path, train_files=files, packing=False, max_length=48)
+    assert info["documents_read"] == 10 and info["skipped"] == {"cannot be read any more": 1}
+    second.write_text(json.dumps({"text": ABSTRACTS[1]}) + "\n")
+    with pytest.raises(ConfigError) as e:
+        prep(tokenizer, tmp_path, train_files=files, packing=False, max_length=48, on_bad_input="error",
+             cache_dir=str(tmp_path / "strict"))  # fmt: skip
+    assert (e.value.key, e.value.message) == (
+        "data.train_files[0] (b.jsonl)",
+        f"{second}: cannot be read any more (No such file or directory); was it deleted or moved while being read? "
+        "(data.on_bad_input: error)",
+    )

@@ -165,3 +165,64 @@ def test_deploy_benchmark_harness_measures_every_runtime(tmp_path, capsys):
     assert set(row["bs2"]) == {"PyTorch fp32", "onnx fp32 (plain)", "onnx int8 (plain)", "ORT fp32 (ours, fused)", "ORT int8 (ours)"}  # fmt: skip
     assert all(v > 0 for v in row["bs2"].values()) and row["sizes"]["ORT int8 (ours)"] < row["sizes"]["pytorch"]
     assert "ORT int8 (ours)" in capsys.readouterr().out
+
+
+def test_export_replaces_only_a_previous_export(tmp_path, capsys):
+    """--out may name a new directory or a previous export (it holds export.json), which is replaced whole. The
+    model's own folder, a folder above it, or a file is refused at once, and every file the user had stays, byte
+    for byte (issue 39: the fine-tuned model.safetensors was deleted)."""
+    from conftest import files_under
+
+    project = tmp_path / "project"
+    model_dir = save(project / "models" / "tokcls", AutoModelForTokenClassification.from_config(BertConfig(**SMALL)))
+    (project / "results.csv").write_text("model,f1\ntokcls,0.81\n")
+    (tmp_path / "notes.txt").write_text("do not lose me")
+    mine = files_under(tmp_path)
+    for out, said in (
+        (model_dir, f"{model_dir} is what this command reads: refusing to replace it; write the biodistill-export output elsewhere"),
+        (project, f"{project} holds {model_dir}, what this command reads: refusing to replace it; write the biodistill-export output elsewhere"),
+        (tmp_path / "notes.txt", f"{tmp_path / 'notes.txt'} is a file, not a previous biodistill-export output: refusing to replace it; choose another path"),
+    ):  # fmt: skip
+        assert cli.main(["--model", str(model_dir), "--out", str(out), "--no-int8"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"biodistill-export: error: --out: {said}"
+        assert files_under(tmp_path) == mine
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    assert cli.main(["--model", str(model_dir), "--out", str(tmp_path / "other"), "--no-int8"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"{tmp_path / 'other'} exists and is not a previous biodistill-export output (it has no export.json): "
+            "refusing to replace it; choose a new path, or move it away yourself"
+        )
+    )
+    # A previous export is what may be replaced: the second export takes its place whole.
+    out = tmp_path / "onnx"
+    assert cli.main(["--model", str(model_dir), "--out", str(out), "--no-int8"]) == 0
+    (out / "stale.txt").write_text("from the first export")
+    assert cli.main(["--model", str(model_dir), "--out", str(out), "--no-int8"]) == 0
+    assert (out / "export.json").is_file() and not (out / "stale.txt").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
+    assert files_under(project) == {k.removeprefix("project/"): v for k, v in mine.items() if k.startswith("project/")}
+
+
+def test_export_refuses_a_head_its_weights_do_not_fit_and_a_bad_tolerance(tmp_path, capsys):
+    """A directory whose config says token classification but whose weights are a sequence classifier (pooler and
+    classifier): exporting it as a per-token model would pass the check against the same wrong model; refused,
+    naming the weights. A tolerance that is not a finite positive number is refused before any work."""
+    model_dir = save(tmp_path / "m", AutoModelForSequenceClassification.from_config(BertConfig(**SMALL, num_labels=4)))
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "architectures": ["BertForTokenClassification"]}))
+    assert cli.main(["--model", str(model_dir), "--out", str(tmp_path / "onnx")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"biodistill-export: error: {model_dir}: --model: its weights do not fit its config's BertForTokenClassification "
+        "(unexpected keys: bert.pooler.dense.bias, bert.pooler.dense.weight): the saved head is not the one the config "
+        "names; fix config.json's architectures or re-save the model"
+    )
+    for atol in ("-1", "nan", "0"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--model", str(model_dir), "--out", str(tmp_path / "onnx"), "--atol", atol])
+        assert e.value.code == 2
+        assert f"error: argument --atol: must be a finite number > 0, got '{atol}'" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()

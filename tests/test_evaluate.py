@@ -554,6 +554,30 @@ throughput: {{batch_sizes: [1, 4], seconds: 0.2}}
     assert deployed["bytes_int8"] < deployed["bytes_onnx"] and deployed["int8_seq_per_s_bs4"] > 0
     assert "Deployed (the fine-tuned task model on this CPU):" in table and " (int8 " in table
     assert not list(cells.glob("*/*/deploy-*"))
+    # Another suite given the same output_dir would replace this one's results.md, results.json and plot: refused
+    # at start, and so is a folder that holds anything but an evaluation's output (issue 39); nothing changes.
+    from conftest import files_under
+
+    reports = files_under(tmp_path / "out")
+    other = write(tmp_path / "other.yaml", suite.read_text().replace("name: killed", "name: another"))
+    refused = subprocess.run([sys.executable, "-m", "biodistill.engine.evaluate", "--config", str(other)],
+                             env=env, capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"biodistill-evaluate: error: {other}: output_dir: {tmp_path / 'out'} holds the results of the suite "
+        "'killed'; this is 'another', whose results.md, results.json and plot would replace them: give each suite "
+        "its own output_dir"
+    )
+    write(tmp_path / "papers" / "draft.tex", "\\section{Results}")
+    elsewhere = subprocess.run(
+        [*cmd, "--output_dir", str(tmp_path / "papers")], env=env, capture_output=True, text=True
+    )
+    assert elsewhere.returncode == 2 and elsewhere.stderr.strip().endswith(
+        f"command line --output_dir: output_dir: {tmp_path / 'papers'} exists and is not an evaluation's output (it "
+        "has no protocol.json): its files could be replaced by this suite's; choose a new output_dir"
+    )
+    assert files_under(tmp_path / "out") == reports and files_under(tmp_path / "papers") == {
+        "draft.tex": b"\\section{Results}"
+    }
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "eval").glob("*.yaml")), ids=lambda p: p.stem)

@@ -6,11 +6,12 @@ Launches cost ~40 s each on 2 cores, so each job is checked for several things a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
-from conftest import csv_metric, launch, make_bert, recipe_dict, summary, write_recipe
+from conftest import csv_metric, files_under, launch, make_bert, recipe_dict, summary, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedLM
 
@@ -77,6 +78,77 @@ def test_resume_continues_exactly(logit_run):
     assert sorted(after) == [5, 6, 7, 8]
     for step in after:
         assert after[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_at_start(logit_run, tiny_teacher, capsys):
+    """A checkpoint records what it was made from and what its files were: a resume under another student, over
+    other data, or from a file cut short is refused before any process group, naming the key or the file (and the
+    newest whole checkpoint), and leaves every file as it was."""
+    from biodistill.engine import cli
+
+    tmp, recipe, _ = logit_run
+    run = tmp / "refused"
+    shutil.copytree(tmp / "run" / "checkpoints", run / "checkpoints")
+
+    def refused(*argv: str) -> str:
+        before = files_under(run)
+        assert cli.main(["--config", str(recipe), "--train.output_dir", str(run), "--resume", *argv]) == 2
+        assert files_under(run) == before
+        return capsys.readouterr().err.strip().splitlines()[-1].removeprefix("biodistill: error: --resume: ")
+
+    step8 = run / "checkpoints" / "step8"
+    assert refused("--student.teacher_layers", "[0, 3]") == (
+        f"student.teacher_layers: {step8} was made under another recipe: student.teacher_layers ([0, 2] -> [0, 3]). "
+        "These change the model the checkpoint holds, so the checkpoint cannot continue under them: resume with the "
+        "recipe it was made with, or train afresh in another train.output_dir (its student can start one: "
+        "student.init checkpoint)"
+    )
+    other = make_bert(tmp / "other-teacher", seed=5)  # another teacher of the same shape
+    assert refused("--data.max_length", "32", "--teacher.path", str(other)) == (
+        f"data.max_length: {step8} was made under another recipe: data.max_length (64 -> 32), teacher.path "
+        f"({str(tiny_teacher)!r} -> {str(other)!r}). These change the model the checkpoint holds and which "
+        "sequences its read position counts, so the checkpoint cannot continue under them: resume with the recipe it "
+        "was made with, or train afresh in another train.output_dir (its student can start one: student.init "
+        "checkpoint)"
+    )
+    states = step8 / "mp_rank_00_model_states.pt"
+    size = states.stat().st_size
+    os.truncate(states, size // 2)
+    assert refused() == (
+        f"checkpoint {step8} is damaged: {states} is {size // 2:,} bytes, {size:,} when it was saved (cut short or "
+        f"overwritten); the newest whole checkpoint before it is step4: --resume step4"
+    )
+
+
+def test_longer_schedule_resumes_at_its_rate_and_nonfinite_weights_are_never_saved(logit_run):
+    """Resumed with a longer train.max_steps, the first new step runs at the new schedule's rate (the checkpoint
+    holds the old one's last, 0), and the change is said. Weights made NaN at step 10 (the train.weights failpoint:
+    what a diverged update leaves) are neither checkpointed nor exported: `latest` stays at step 9, the student
+    export from before is untouched, and the error says why."""
+    tmp, recipe, _ = logit_run
+    run = tmp / "longer"
+    shutil.copytree(tmp / "run", run)  # checkpoints step4 and step8, and the good student export
+    exported = files_under(run / "student")
+    flags = ["--resume", "--train.output_dir", str(run), "--train.max_steps", "10", "--train.save_every", "1"]
+    proc = launch(recipe, *flags, env={"BIODISTILL_FAILPOINTS": "train.weights@10=nan"})
+    said = proc.stdout + proc.stderr
+    assert (
+        proc.returncode not in (0, 2)
+        and f"--resume: train.max_steps was 8 in {run / 'checkpoints' / 'step8'}, is 10 now" in said
+    )
+    assert (
+        "step 10: the student's weights are not finite (student.bert.embeddings.word_embeddings.weight): the "
+        f"checkpoint {run / 'checkpoints' / 'step10'} was not written; the latest complete checkpoint is still "
+        f"{run / 'checkpoints' / 'step9'}. A learning rate too large for this model (optim.lr) is the usual cause"
+    ) in said
+    assert (run / "checkpoints" / "latest").read_text() == "step9" and not (run / "checkpoints" / "step10").exists()
+    assert files_under(run / "student") == exported
+    weights = {
+        tag: torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        for tag in ("step8", "step9")
+    }
+    moved = [k for k, v in weights["step8"].items() if not torch.equal(v, weights["step9"][k])]
+    assert "student.bert.encoder.layer.0.attention.self.query.weight" in moved  # step 9 ran at a rate above 0
 
 
 def test_hidden_family_zero3_projection_and_module_form(tmp_path, tiny_teacher, tiny_corpus):

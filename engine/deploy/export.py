@@ -125,7 +125,7 @@ def task_model(path: str, key: str = "model"):
 
 
 def _names(keys: list) -> str:
-    keys = [k[0] if isinstance(k, tuple) else k for k in keys]  # mismatched keys come with their two shapes
+    keys = sorted(k[0] if isinstance(k, tuple) else k for k in keys)  # mismatched keys come with their two shapes
     return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
