@@ -53,7 +53,7 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
     configs: copied layers, position limits, every loss term's layer map, the tokenizers, and room on
     disk for a checkpoint of this student."""
     from .data import corpora, tokenise
-    from .losses import build_terms
+    from .losses import build_terms, validate_terms
     from .models.outputs import hidden_size
     from .models.students import check_positions, parameter_count, student_config, teacher_config
     from .models.teacher import seen_by_terms
@@ -61,6 +61,7 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
     from .runtime.distributed import check_deepspeed_json, check_precision, launch_world
 
     r = recipe
+    validate_terms(r)  # each term's kind and options, by its own class
     preflight.check(r, resume)
     if r.data.train_files:
         for key, path in data_files(r.data, r.source):

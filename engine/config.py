@@ -103,7 +103,7 @@ class DataConfig:
 
 @dataclass
 class LossTermConfig:
-    kind: str = ""  # one of engine.losses.LOSSES
+    kind: str = ""  # a name in the loss registry (engine/losses.py, LOSSES)
     weight: float = 1.0
     layer_map: LayerMap = "last"  # hidden/attention terms: "last", "uniform" or [[student, teacher], ...]
     temperature: Optional[float] = None  # logit_kl / soft_ce: overrides losses.temperature
@@ -180,9 +180,6 @@ class Recipe:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     source: str = field(default="<defaults>", metadata={"internal": True})  # the file it came from
     flags: dict = field(default_factory=dict, metadata={"internal": True})  # dotted key -> the flag that set it
-
-    def needs_teacher(self) -> bool:
-        return any(t.kind != "mlm" for t in self.losses.terms)
 
     def where(self, key: str) -> str:
         """Where ``key``'s value came from: the flag that set it (``command line --optim.lr``), else the file."""
@@ -451,47 +448,33 @@ def _convert(tp: Any, value: Any, key: str, source: str, sources: dict[str, str]
 
 
 def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool = True) -> None:
-    """Value checks that types cannot express. Raises the first :class:`ConfigError` found."""
-    sources = sources or {}
+    """Value checks that types cannot express, one section at a time. Raises the first :class:`ConfigError` found.
+
+    What a loss term's kind needs (a teacher, the MLM head) and its own options are checked by the term classes
+    themselves (``losses.validate_terms``): this module does not know the kinds."""
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:
-            raise ConfigError(_where(key, r.source, sources), key, message)
+            raise ConfigError(_where(key, r.source, sources or {}), key, message)
 
-    from .losses import LOSSES  # the registry is the list of valid kinds
+    _check_losses(r, check)
+    _check_student(r, check)
+    _check_data(r, check, sources or {}, check_paths)
+    _check_train(r, check)
+    _check_optim(r, check)
+    check(
+        r.deepspeed.zero_stage in (0, 1, 2, 3),
+        "deepspeed.zero_stage",
+        f"must be 0, 1, 2 or 3, got {r.deepspeed.zero_stage}",
+    )
+    if r.deepspeed.config:
+        load_deepspeed_json(r.deepspeed.config, _where("deepspeed.config", r.source, sources or {}))
 
+
+def _check_losses(r: Recipe, check: Callable[[bool, str, str], None]) -> None:
     check(bool(r.losses.terms), "losses.terms", "at least one loss term is required")
     for i, term in enumerate(r.losses.terms):
-        k = f"losses.terms[{i}]"
-        check(term.kind in LOSSES, f"{k}.kind", f"unknown loss {term.kind!r}; known: {', '.join(LOSSES)}")
-        check(term.weight >= 0, f"{k}.weight", f"must be >= 0, got {term.weight}")
-        check(term.temperature is None or term.temperature > 0, f"{k}.temperature", "must be > 0")
-        check(
-            bool(term.relations) and len(set(term.relations)) == len(term.relations),
-            f"{k}.relations",
-            f"must list query, key and/or value, each once, got {term.relations}",
-        )
-        check(
-            term.relation_heads >= 0,
-            f"{k}.relation_heads",
-            f"must be >= 0 (0: the teacher's heads), got {term.relation_heads}",
-        )
-        if isinstance(term.layer_map, str):
-            check(
-                term.layer_map in ("last", "uniform"),
-                f"{k}.layer_map",
-                f"must be 'last', 'uniform' or a list of [student, teacher] pairs, got {term.layer_map!r}",
-            )
-        else:
-            check(
-                bool(term.layer_map), f"{k}.layer_map", "an empty list pairs no layers: give [[student, teacher], ...]"
-            )
-            for j, pair in enumerate(term.layer_map):
-                check(
-                    len(pair) == 2 and min(pair) >= 0,
-                    f"{k}.layer_map[{j}]",
-                    f"must be a [student, teacher] pair of layer numbers >= 0, got {pair}",
-                )
+        check(term.weight >= 0, f"losses.terms[{i}].weight", f"must be >= 0, got {term.weight}")
     check(r.losses.temperature > 0, "losses.temperature", f"must be > 0, got {r.losses.temperature}")
     check(
         any(t.weight > 0 for t in r.losses.terms),
@@ -499,12 +482,8 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         "every term's weight is 0: the student would learn nothing; give at least one term a positive weight",
     )
 
-    check(bool(r.teacher.path) or not r.needs_teacher(), "teacher.path", "a teacher is required by the loss terms")
-    check(
-        r.teacher.placement == "replicated" or r.needs_teacher(),
-        "teacher.placement",
-        f"{r.teacher.placement!r} places a teacher that no loss term uses; drop it or add a distillation term",
-    )
+
+def _check_student(r: Recipe, check: Callable[[bool, str, str], None]) -> None:
     s = r.student
     check(
         not r.teacher.vocab_map or (s.init != "teacher_layers" and bool(s.path)),
@@ -526,24 +505,25 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         f"{s.teacher_layers} would not be read: layers are copied only under student.init 'teacher_layers' (this "
         f"recipe says {s.init!r}); drop student.teacher_layers, or set student.init: teacher_layers",
     )
-    if s.init == "teacher_layers":
-        for depth_key in ("num_hidden_layers", "layer_types"):
-            check(
-                depth_key not in s.overrides,
-                f"student.overrides.{depth_key}",
-                f"{s.overrides.get(depth_key)!r} contradicts student.teacher_layers {s.teacher_layers}: a student "
-                f"copied from teacher layers has one layer per entry ({len(s.teacher_layers)}); drop the override",
-            )
-        check(bool(r.teacher.path), "teacher.path", "student.init 'teacher_layers' copies layers from a teacher")
-        check(bool(s.teacher_layers), "student.teacher_layers", "list the teacher layers to copy, e.g. [0, 2, 4]")
+    if s.init != "teacher_layers":
+        return
+    for depth_key in ("num_hidden_layers", "layer_types"):
         check(
-            len(set(s.teacher_layers)) == len(s.teacher_layers) and min(s.teacher_layers) >= 0,
-            "student.teacher_layers",
-            f"must be distinct layer indices >= 0, got {s.teacher_layers}",
+            depth_key not in s.overrides,
+            f"student.overrides.{depth_key}",
+            f"{s.overrides.get(depth_key)!r} contradicts student.teacher_layers {s.teacher_layers}: a student "
+            f"copied from teacher layers has one layer per entry ({len(s.teacher_layers)}); drop the override",
         )
-    head_terms = sorted({t.kind for t in r.losses.terms if t.kind in ("mlm", "logit_kl", "soft_ce")})
-    check(s.mlm_head or not head_terms, "student.mlm_head", f"the {', '.join(head_terms)} term(s) need the MLM head")
+    check(bool(r.teacher.path), "teacher.path", "student.init 'teacher_layers' copies layers from a teacher")
+    check(bool(s.teacher_layers), "student.teacher_layers", "list the teacher layers to copy, e.g. [0, 2, 4]")
+    check(
+        len(set(s.teacher_layers)) == len(s.teacher_layers) and min(s.teacher_layers) >= 0,
+        "student.teacher_layers",
+        f"must be distinct layer indices >= 0, got {s.teacher_layers}",
+    )
 
+
+def _check_data(r: Recipe, check: Callable[[bool, str, str], None], sources: dict, check_paths: bool) -> None:
     d = r.data
     check(bool(d.train_files) != bool(d.dataset), "data.train_files", "give either data.train_files or data.dataset")
     if check_paths:
@@ -560,6 +540,8 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
     )
     check(not (d.streaming and d.dataset), "data.streaming", "streams files (data.train_files), not data.dataset")
 
+
+def _check_train(r: Recipe, check: Callable[[bool, str, str], None]) -> None:
     t = r.train
     check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
@@ -584,6 +566,8 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         f"must be >= 1, got {t.max_consecutive_skips}",
     )
 
+
+def _check_optim(r: Recipe, check: Callable[[bool, str, str], None]) -> None:
     o = r.optim
     check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     check(
@@ -598,14 +582,6 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
         "optim.warmup_steps",
         f"must be in [0, train.max_steps), got {o.warmup_steps}",
     )
-
-    check(
-        r.deepspeed.zero_stage in (0, 1, 2, 3),
-        "deepspeed.zero_stage",
-        f"must be 0, 1, 2 or 3, got {r.deepspeed.zero_stage}",
-    )
-    if r.deepspeed.config:
-        load_deepspeed_json(r.deepspeed.config, _where("deepspeed.config", r.source, sources))
 
 
 def load_deepspeed_json(path: str, where: str = "deepspeed.config") -> dict:

@@ -12,6 +12,7 @@ Layer maps (see ``config.LayerMap``): hidden states are numbered 0 (embeddings) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -73,12 +74,37 @@ class TermContext:
 
 
 class LossTerm(nn.Module):
+    """One distillation term. The class says what the kind needs, so that nothing else names kinds: the outputs
+    it reads of each model (``student_needs`` / ``teacher_needs``; a term whose needs depend on its options sets
+    them in ``__init__``), whether it reads a teacher at all (``uses_teacher``) and the student's MLM head
+    (``uses_mlm_head``); and :meth:`check` validates its recipe entry before any model exists."""
+
     student_needs = Needs()
     teacher_needs = Needs()
+    uses_teacher = True
+    uses_mlm_head = False
 
     def __init__(self, ctx: TermContext):
         super().__init__()
         self.name = ctx.cfg.kind
+
+    @classmethod
+    def check(cls, cfg: LossTermConfig, error: Callable[[str, str], ConfigError]) -> None:
+        """This term's options, from its recipe entry alone; ``error(field, message)`` names the key."""
+        if cfg.temperature is not None and cfg.temperature <= 0:
+            raise error("temperature", "must be > 0")
+        if isinstance(cfg.layer_map, str):
+            if cfg.layer_map not in ("last", "uniform"):
+                raise error(
+                    "layer_map",
+                    f"must be 'last', 'uniform' or a list of [student, teacher] pairs, got {cfg.layer_map!r}",
+                )
+            return
+        if not cfg.layer_map:
+            raise error("layer_map", "an empty list pairs no layers: give [[student, teacher], ...]")
+        for j, pair in enumerate(cfg.layer_map):
+            if len(pair) != 2 or min(pair) < 0:
+                raise error(f"layer_map[{j}]", f"must be a [student, teacher] pair of layer numbers >= 0, got {pair}")
 
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -92,6 +118,8 @@ class MLMLoss(LossTerm):
     """Cross-entropy of the student's MLM head on the masked rows."""
 
     student_needs = Needs(logits=True)
+    uses_teacher = False
+    uses_mlm_head = True
 
     def forward(self, student, teacher, batch):
         labels = batch["row_labels"]
@@ -105,6 +133,7 @@ class LogitKL(LossTerm):
 
     student_needs = Needs(logits=True)
     teacher_needs = Needs(logits=True)
+    uses_mlm_head = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -336,6 +365,14 @@ class RelationKL(LossTerm):
     MiniLMv2 distils one teacher layer (the last for base-size teachers, an upper-middle one for large ones)
     into the student's last. Computed by the attention kernel with (q, k) = (X, X): no T x T tensor."""
 
+    @classmethod
+    def check(cls, cfg, error):
+        super().check(cfg, error)
+        if not cfg.relations or len(set(cfg.relations)) != len(cfg.relations):
+            raise error("relations", f"must list query, key and/or value, each once, got {cfg.relations}")
+        if cfg.relation_heads < 0:
+            raise error("relation_heads", f"must be >= 0 (0: the teacher's heads), got {cfg.relation_heads}")
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self.pairs = ctx.layer_map(attention=True)
@@ -425,11 +462,41 @@ def attention_notes(recipe, terms: list[LossTerm], student_config, teacher_confi
     return notes
 
 
+def needs_teacher(losses: LossesConfig) -> bool:
+    """Whether any term reads the teacher (an MLM-only recipe has no teacher, or uses it only to copy layers)."""
+    return any(LOSSES[t.kind].uses_teacher for t in losses.terms)
+
+
+def validate_terms(recipe) -> None:
+    """Every term of ``recipe`` by its class: a known kind, its own options, and what the kinds need of the rest
+    of the recipe (a teacher, the student's MLM head). Before any model config is read."""
+    for i, term in enumerate(recipe.losses.terms):
+        key = f"losses.terms[{i}]"
+
+        def error(field: str, message: str, key=key) -> ConfigError:
+            return recipe.error(f"{key}.{field}", message)
+
+        if term.kind not in LOSSES:
+            raise error("kind", f"unknown loss {term.kind!r}; known: {', '.join(LOSSES)}")
+        LOSSES[term.kind].check(term, error)
+    teacher = needs_teacher(recipe.losses)
+    if teacher and not recipe.teacher.path:
+        raise recipe.error("teacher.path", "a teacher is required by the loss terms")
+    if recipe.teacher.placement != "replicated" and not teacher:
+        raise recipe.error(
+            "teacher.placement",
+            f"{recipe.teacher.placement!r} places a teacher that no loss term uses; drop it or add a distillation term",
+        )
+    head = sorted({t.kind for t in recipe.losses.terms if LOSSES[t.kind].uses_mlm_head})
+    if head and not recipe.student.mlm_head:
+        raise recipe.error("student.mlm_head", f"the {', '.join(head)} term(s) need the MLM head")
+
+
 def build_terms(losses: LossesConfig, student_config, teacher_config, source: str) -> list[LossTerm]:
     terms = []
     for i, cfg in enumerate(losses.terms):
         ctx = TermContext(cfg, losses, student_config, teacher_config or student_config, f"losses.terms[{i}]", source)
-        if teacher_config is None and cfg.kind != "mlm":
+        if teacher_config is None and LOSSES[cfg.kind].uses_teacher:
             raise ctx.error("kind", f"{cfg.kind} needs a teacher (teacher.path)")
         terms.append(LOSSES[cfg.kind](ctx))
     return terms

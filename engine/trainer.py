@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from .config import Recipe, model_location, resolve_precision
 from .data import batches, cache, stream
 from .data.tokenise import VocabMap, recipe_tokenizer
-from .losses import DistillationModel, attention_notes, build_terms
+from .losses import DistillationModel, attention_notes, build_terms, needs_teacher
 from .models.outputs import NOTHING, Needs, Outputs, encode, hidden_size
 from .models.students import build_student, student_config, teacher_config
 from .models.teacher import load_teacher, place_teacher, resident_bytes, seen_by_terms
@@ -96,13 +96,13 @@ class Trainer:
             student_needs, teacher_needs = student_needs | term.student_needs, teacher_needs | term.teacher_needs
         self.teacher = (
             load_teacher(r, teacher_needs, self.dist.device)
-            if r.needs_teacher() or r.student.init == "teacher_layers"
+            if needs_teacher(r.losses) or r.student.init == "teacher_layers"
             else None
         )
         self.tokenizer = recipe_tokenizer(r)
         self.student = build_student(r, student_needs, self.teacher)
         self.teacher_engine = None
-        if not r.needs_teacher():
+        if not needs_teacher(r.losses):
             self.teacher = None  # only used to initialise the student
         else:  # after the student copied its layers from the whole teacher
             self.teacher, self.teacher_engine = place_teacher(

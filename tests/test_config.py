@@ -10,6 +10,7 @@ import pytest
 from conftest import recipe_dict, write_recipe
 
 from biodistill.engine.config import ConfigError, load_recipe, parse_overrides
+from biodistill.engine.losses import validate_terms
 from biodistill.engine.runtime.distributed import deepspeed_config
 
 
@@ -52,9 +53,17 @@ def test_negative_number_override_is_a_value():
 )
 def test_bad_overrides_name_the_flag_and_key(recipe_file, overrides, key, fragment):
     with pytest.raises(ConfigError) as e:
-        load_recipe(recipe_file, overrides)
+        load_checked(recipe_file, overrides)
     assert e.value.key == key and fragment in str(e.value)
     assert "command line" in e.value.source
+
+
+def load_checked(path, overrides=()):
+    """The recipe as biodistill-train's start-up sees it: loaded (types and values by section), then its loss terms
+    checked by their own classes."""
+    recipe = load_recipe(path, list(overrides))
+    validate_terms(recipe)
+    return recipe
 
 
 @pytest.mark.parametrize(
@@ -85,7 +94,7 @@ def test_bad_recipes_name_the_file_and_key(tmp_path, tiny_teacher, tiny_corpus, 
     edit(recipe)
     path = write_recipe(tmp_path / "bad.yaml", recipe)
     with pytest.raises(ConfigError) as e:
-        load_recipe(path)
+        load_checked(path)
     assert e.value.key == key and fragment in str(e.value), str(e.value)
     assert str(e.value).startswith(str(path))
 

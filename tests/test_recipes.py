@@ -200,3 +200,12 @@ def test_recipe_smoke_runs_on_two_ranks(path, smoke_runs):
     assert sorted(csv_metric(run, "train_loss")) == list(range(1, 11))
     family = full_size(load_recipe(path, check_paths=False))[0].model_type
     assert AutoConfig.from_pretrained(run / "student").model_type == family
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_passes_its_terms_own_checks(path):
+    """Kinds and term options are checked by the term classes (losses.validate_terms), not by config.py."""
+    from biodistill.engine.config import load_recipe
+    from biodistill.engine.losses import validate_terms
+
+    validate_terms(load_recipe(path, check_paths=False))

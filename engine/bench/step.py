@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ...kernels.ops import kernel_mode
 from ..config import load_recipe
 from ..data.batches import to_device
+from ..losses import needs_teacher
 from ..models.smoke import smoke
 
 # Dense bf16 tensor-core peaks from the vendors' spec sheets (no sparsity), by device-name substring.
@@ -91,7 +92,7 @@ def bench_recipe(config: str, micro_batch: int, length: int, precision: str, ste
     from ..trainer import Trainer
 
     base = load_recipe(config, ["--train.output_dir", scratch], check_paths=False)
-    if not base.needs_teacher():  # the teacher's share and FLOPs are half of what this reports
+    if not needs_teacher(base.losses):  # the teacher's share and FLOPs are half of what this reports
         raise SystemExit(f"{config}: trains with MLM alone (no teacher); the step benchmark times distillation recipes")
     r = smoke(base, full_size=not dry_run)
     r.data = dataclasses.replace(r.data, max_length=length)
