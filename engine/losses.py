@@ -2,9 +2,10 @@
 
 Each term is an ``nn.Module`` built from its recipe entry; ``forward(student, teacher, batch)`` takes the
 two models' :class:`~biodistill.engine.models.outputs.Outputs` and returns a scalar. A term declares what it
-reads (``student_needs`` / ``teacher_needs``), so the models compute nothing more. Terms that own
-parameters (the hidden-MSE projection) are trained with the student and dropped at export, because
-they live in :class:`DistillationModel`, not in the student.
+reads (``student_needs`` / ``teacher_needs``), so the models compute nothing more, and what its kind needs of
+the recipe (a teacher, the MLM head). Terms that own parameters (the hidden-MSE projection) are trained with
+the student and dropped at export, because they live in the :class:`~biodistill.engine.distiller.Distiller`,
+not in the student. The registry ``LOSSES`` is the one place a kind is named.
 
 Layer maps (see ``config.LayerMap``): hidden states are numbered 0 (embeddings) .. L, attention maps
 1 .. L. Multi-layer terms sum over their layer pairs, as TinyBERT and CompactBioBERT do.
@@ -24,12 +25,10 @@ from ..kernels.reference import KL_FLOOR
 from .config import ConfigError, LossesConfig, LossTermConfig
 from .models.outputs import (
     CAPTURE_TYPES,
-    NOTHING,
     Needs,
     Outputs,
     attention_width,
     attention_window,
-    encode,
     hidden_size,
     num_heads,
     num_layers,
@@ -500,40 +499,3 @@ def build_terms(losses: LossesConfig, student_config, teacher_config, source: st
             raise ctx.error("kind", f"{cfg.kind} needs a teacher (teacher.path)")
         terms.append(LOSSES[cfg.kind](ctx))
     return terms
-
-
-class DistillationModel(nn.Module):
-    """What DeepSpeed trains: the student and the loss terms' own parameters.
-
-    ``forward`` returns the weighted total loss, the unweighted per-term values ``[n_terms]`` (detached,
-    for logging) and the student's outputs (evaluation reads them).
-    """
-
-    def __init__(self, student: nn.Module, terms: list[LossTerm], weights: list[float]):
-        super().__init__()
-        self.student = student
-        self.terms = nn.ModuleList(terms)
-        self.weights = list(weights)
-        self.student_needs = Needs()
-        self.teacher_needs = Needs()
-        for term in terms:
-            self.student_needs |= term.student_needs
-            self.teacher_needs |= term.teacher_needs
-
-    @property
-    def term_names(self) -> list[str]:
-        return [t.name for t in self.terms]
-
-    def forward(self, batch: dict, teacher: Outputs, extra: Needs = NOTHING):
-        needs = self.student_needs | extra
-        student = encode(
-            self.student, batch["input_ids"], batch["attention_mask"], needs, batch["rows"], batch.get("padded", True)
-        )
-        loss, values = self.combine(student, teacher, batch)
-        return loss, values, student
-
-    def combine(self, student: Outputs, teacher: Outputs, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weighted total of the terms on both models' outputs, and the detached per-term values."""
-        values = [term(student, teacher, batch) for term in self.terms]
-        loss = sum(w * v for w, v in zip(self.weights, values))
-        return loss, torch.stack([v.detach().float() for v in values])

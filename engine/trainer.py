@@ -1,9 +1,10 @@
 """The distillation loop: frozen teacher forward, student forward/backward under DeepSpeed, step, log,
 evaluate, checkpoint, export. The same code runs on one CPU process and on a GPU cluster.
 
-The :class:`Trainer` is the loop (build, step, fit). What it reports lives in ``runtime/report.py``, how
-it finds and restores a checkpoint in ``runtime/resume.py``, and its held-out evaluation is
-:func:`heldout_metrics`, below the class.
+The :class:`Trainer` is the loop (build, step, log, evaluate, save, preempt, export). One distillation forward,
+teacher and student and terms, is the :class:`~biodistill.engine.distiller.Distiller` it builds and DeepSpeed
+trains; held-out evaluation is that object's method too. What the trainer reports lives in ``runtime/report.py``,
+how it finds and restores a checkpoint in ``runtime/resume.py``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from .config import Recipe, model_location, resolve_precision
 from .data import batches, cache, stream
 from .data.tokenise import VocabMap, recipe_tokenizer
-from .losses import DistillationModel, attention_notes, build_terms, needs_teacher
-from .models.outputs import NOTHING, Needs, Outputs, encode, hidden_size
+from .distiller import Distiller
+from .losses import attention_notes, build_terms, needs_teacher
+from .models.outputs import Needs, hidden_size
 from .models.students import build_student, student_config, teacher_config
 from .models.teacher import load_teacher, place_teacher, resident_bytes, seen_by_terms
 from .runtime import checkpoint, faults, hub, preempt, report
@@ -108,14 +109,13 @@ class Trainer:
             self.teacher, self.teacher_engine = place_teacher(
                 self.teacher, r.teacher.placement, r.train.micro_batch_size
             )
-        self.vocab_map = None
+        vocab_map = None
         if r.teacher.vocab_map:
             teacher_tokenizer = AutoTokenizer.from_pretrained(model_location(r.teacher.path))
-            self.vocab_map = VocabMap(self.tokenizer, teacher_tokenizer, self.student.config.vocab_size)
-            self.vocab_map.to(self.dist.device)
+            vocab_map = VocabMap(self.tokenizer, teacher_tokenizer, self.student.config.vocab_size).to(self.dist.device)
         seen = seen_by_terms(r, self.teacher.config if self.teacher else None, self.student.config)
         terms = build_terms(r.losses, self.student.config, seen, r.source)
-        self.model = DistillationModel(self.student, terms, [t.weight for t in r.losses.terms])
+        self.model = Distiller(self.student, terms, [t.weight for t in r.losses.terms], self.teacher, vocab_map)
 
     def _attention_memory(self, terms, students, teachers) -> None:
         """Say which path each attention term takes and what it holds at this length; refuse maps that cannot
@@ -217,19 +217,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- the step
 
-    def teacher_outputs(self, batch: dict, extra: Needs = NOTHING) -> Outputs:
-        """The teacher's outputs in its own dtype (fp16/bf16 on a GPU): each loss term upcasts what it reads
-        and accumulates in fp32, instead of an fp32 copy of every hidden state and attention map here."""
-        if self.teacher is None:
-            return Outputs()
-        ids = batch["input_ids"] if self.vocab_map is None else self.vocab_map.inputs(batch["input_ids"])
-        with torch.no_grad():
-            needs, padded = self.model.teacher_needs | extra, batch.get("padded", True)
-            out = encode(self.teacher, ids, batch["attention_mask"], needs, batch["rows"], padded)
-        if out.logits is not None and self.vocab_map is not None:
-            out.logits = self.vocab_map.logits(out.logits)
-        return out
-
     def train_step(self, loader) -> None:
         """One optimiser step over ``grad_accum`` micro-batches, adding [loss, *terms, tokens, kept] into
         ``self.window`` on the device. Nothing here waits on the device: a micro-batch whose loss or
@@ -244,12 +231,9 @@ class Trainer:
                 self._record(batch, micro)
             names = {k: batch[k] for k in ("sample_epochs", "sample_ids") if k in batch}  # host tensors
             batch = batches.to_device(batch, self.dist.device, non_blocking=True)
-            teacher = self.teacher_outputs(batch)
-            if teacher.logits is not None:
-                teacher.logits = faults.poison("teacher.outputs", teacher.logits, step)
-            loss, values, _ = self.engine(batch, teacher)
+            loss, values, teacher_nonfinite, _, _ = self.engine(batch, step=step)  # the Distiller's one forward
             loss = faults.poison("train.loss", loss, step)
-            keep = self.guard.check(loss, _nonfinite(teacher, self.dist.device), step, micro, names)
+            keep = self.guard.check(loss, teacher_nonfinite, step, micro, names)
             faults.hit("train.micro", step)
             self._mark(step, f"backward {micro}")
             self.engine.backward(loss)
@@ -332,7 +316,19 @@ class Trainer:
         return summary
 
     def evaluate(self) -> Optional[dict[str, float]]:
-        return heldout_metrics(self)
+        """The Distiller's held-out metrics through the engine in eval mode; None when a preemption cut it short."""
+        self.engine.eval()
+        try:
+            return self.model.heldout(self.engine, self.heldout, self.dist.device, self._before_heldout_batch)
+        finally:
+            self.engine.train()
+
+    def _before_heldout_batch(self, i: int) -> bool:
+        if self._stop_here(f"eval/{self.pos.step}/{i}"):  # every rank breaks at the same batch
+            return True
+        self._mark(self.pos.step, f"evaluation batch {i}")
+        faults.hit("eval.batch", self.pos.step)
+        return False
 
     # ------------------------------------------------------------------------------------ preemption
 
@@ -438,79 +434,6 @@ class Trainer:
             dist.barrier()
             dist.destroy_process_group()
             release_shared_memory()
-
-
-# ---------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def heldout_metrics(trainer: Trainer) -> Optional[dict[str, float]]:
-    """Held-out loss terms and teacher-student agreement, averaged over every rank's batches; None when a
-    preemption cut it short (the ranks stop at the same batch, before the reduction)."""
-    engine, model = trainer.engine, trainer.model
-    engine.eval()
-    names = ["loss/total", *(f"loss/{n}" for n in model.term_names)]
-    names += ["agreement/hidden_cosine", "agreement/top1", "student/mlm_loss"]
-    teacher_width = hidden_size(trainer.teacher.config) if trainer.teacher is not None else None
-    same_width = teacher_width == hidden_size(trainer.student.config)  # the cosine compares like with like
-    sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
-    for i, batch in enumerate(trainer.heldout):
-        if trainer._stop_here(f"eval/{trainer.pos.step}/{i}"):  # every rank breaks at the same batch
-            engine.train()
-            return None
-        trainer._mark(trainer.pos.step, f"evaluation batch {i}")
-        faults.hit("eval.batch", trainer.pos.step)
-        batch = batches.to_device(batch, trainer.dist.device)
-        teacher = trainer.teacher_outputs(batch, Needs(hidden_states=True))
-        loss, values, student = engine(batch, teacher, Needs(hidden_states=True))
-        extra = agreement(batch, student, teacher, same_width)
-        row = torch.cat([loss.detach().float().reshape(1).cpu(), values.cpu(), extra])
-        sums += torch.nan_to_num(row)
-        counts += ~row.isnan()
-    engine.train()
-    stats = torch.cat([sums, counts])
-    dist.all_reduce(stats)
-    sums, counts = stats.chunk(2)
-    return {n: (s / c).item() for n, s, c in zip(names, sums, counts) if c > 0}
-
-
-def agreement(batch: dict, student: Outputs, teacher: Outputs, same_width: bool) -> torch.Tensor:
-    """[hidden cosine, top-1 agreement, student MLM loss] on one batch; NaN where one does not apply:
-    the cosine of the last hidden states over non-pad tokens (same widths only), how often the argmax
-    tokens agree at the logit rows, and the student's own cross-entropy at the masked rows."""
-    nan = float("nan")
-    cosine = top1 = mlm = nan
-    if teacher.hidden_states is not None and same_width:
-        mask = batch["attention_mask"].bool()
-        cosine = (
-            F.cosine_similarity(
-                student.hidden_states[-1][mask].float(), teacher.hidden_states[-1][mask].float(), dim=-1
-            )
-            .mean()
-            .item()
-        )
-    if student.logits is not None and teacher.logits is not None and len(batch["rows"]):
-        top1 = (student.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean().item()
-    if student.logits is not None and (batch["row_labels"] != -100).any():
-        mlm = F.cross_entropy(student.logits.float(), batch["row_labels"], ignore_index=-100).item()
-    return torch.tensor([cosine, top1, mlm])
-
-
-def _nonfinite(outputs: Outputs, device=None) -> torch.Tensor:
-    """True (a 0-d tensor on the outputs' device, or ``device`` when there are none; no sync) when the
-    teacher's outputs hold inf or NaN.
-
-    Only the last layer of each kind is read: a non-finite value anywhere in an encoder's forward reaches
-    it (each position's row is carried forward by the residual stream, and into every position that
-    attends to it; LayerNorm turns an inf into NaN, it never makes it finite), so the earlier layers add
-    nothing but a full pass over every hidden state and T x T map."""
-    groups = (outputs.hidden_states, outputs.attentions, outputs.scores, outputs.logits)
-    tensors = [x[-1] if isinstance(x, tuple) else x for x in groups if x is not None]
-    if outputs.captured:  # the deepest captured layer's queries (a relation-only recipe reads nothing else)
-        tensors.append(outputs.captured[max(outputs.captured)].query)
-    if not tensors:
-        return torch.zeros((), dtype=torch.bool, device=device)
-    return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
 
 
 def _batch_name(names: dict) -> str:

@@ -554,8 +554,8 @@ def test_fp16_teacher_overflow_is_detected(tiny_teacher):
     """A real overflow: in fp16 a logit beyond 65504 is inf. The trainer's check sees it; fp32 is clean."""
     from transformers import AutoModelForMaskedLM
 
+    from biodistill.engine.distiller import _nonfinite
     from biodistill.engine.models.outputs import Needs, encode
-    from biodistill.engine.trainer import _nonfinite
 
     ids = torch.tensor([[101, 7592, 2088, 102]])
     mask, rows = torch.ones_like(ids), torch.tensor([1, 2])  # flat positions where the head runs
@@ -577,8 +577,8 @@ def test_a_nonfinite_value_in_any_teacher_layer_is_seen(tiny_teacher):
     output reaches it, through the residual stream and attention, at every position it was put."""
     from transformers import AutoModel
 
+    from biodistill.engine.distiller import _nonfinite
     from biodistill.engine.models.outputs import Needs, encode
-    from biodistill.engine.trainer import _nonfinite
 
     teacher = AutoModel.from_pretrained(tiny_teacher, attn_implementation="eager").eval()
     ids = torch.tensor([[101, 7592, 2088, 2003, 102, 0], [101, 2088, 102, 0, 0, 0]])

@@ -19,7 +19,8 @@ from conftest import REPO, matrix, metrics, minilm_dir, recipe_dict, write_recip
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertConfig, DebertaV2Config, ModernBertConfig
 
 from biodistill.engine.config import ConfigError, Recipe, _convert, load_recipe
-from biodistill.engine.losses import DistillationModel, build_terms
+from biodistill.engine.distiller import Distiller
+from biodistill.engine.losses import build_terms
 from biodistill.engine.models.outputs import Needs, attn_implementation, encode, mlm_head, model_mask
 from biodistill.engine.models.published import published_config
 from biodistill.engine.models.smoke import smoke
@@ -179,13 +180,12 @@ def test_every_term_against_float64_from_the_familys_outputs(family, path):
     assert {t.path for t in terms if hasattr(t, "path")} == {
         "fused" if (family, path) == ("modernbert", "auto") else "maps"
     }
-    dm = DistillationModel(student, terms, [1.0] * len(terms))
+    dm = Distiller(student, terms, [1.0] * len(terms), teacher)
     for m, needs in ((student, dm.student_needs), (teacher, dm.teacher_needs)):  # as the engine builds them
         m.set_attn_implementation(attn_implementation(needs, m.config) or "eager")
     mask = b["attention_mask"]
     with torch.no_grad():
-        t = encode(teacher, b["input_ids"], mask, dm.teacher_needs, b["rows"])
-        _, values, _ = dm(b, t)
+        _, values, *_ = dm(b)
         student.set_attn_implementation("eager"), teacher.set_attn_implementation("eager")  # the maps, below
         so = student(input_ids=b["input_ids"], attention_mask=mask, output_hidden_states=True, output_attentions=True)
         to = teacher(input_ids=b["input_ids"], attention_mask=mask, output_hidden_states=True, output_attentions=True)

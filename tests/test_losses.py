@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
 from biodistill.engine.config import ConfigError, LossesConfig, LossTermConfig
-from biodistill.engine.losses import DistillationModel, build_terms
+from biodistill.engine.distiller import Distiller
+from biodistill.engine.losses import build_terms
 from biodistill.engine.models.outputs import Needs, attn_implementation, encode
 from biodistill.kernels.ops import temperature_kl
 
@@ -82,7 +83,7 @@ def terms_for(specs, student, teacher, **losses):
     return build_terms(cfg, student.config, teacher.config, "test.yaml")
 
 
-def attend_as_built(model: DistillationModel, student, teacher):
+def attend_as_built(model: Distiller, student, teacher):
     """Give both models the attention the engine builds them with for these terms (eager for the maps path,
     the capturing SDPA for the fused one)."""
     for m, needs in ((student, model.student_needs), (teacher, model.teacher_needs)):
@@ -101,7 +102,7 @@ def test_every_term_matches_an_independent_computation(path):
         {"kind": "attention_mse", "layer_map": [[1, 2]]},
     ]
     terms = terms_for(specs, student, teacher, attention_path=path)
-    model = DistillationModel(student, terms, [2.0, 5.0, 1.0, 1.0, 1.0, 1.0])
+    model = Distiller(student, terms, [2.0, 5.0, 1.0, 1.0, 1.0, 1.0], teacher)
     if path == "maps":
         assert model.student_needs == Needs(True, True, True) and model.teacher_needs == Needs(True, True, True)
     else:  # the layers' queries and keys instead of every layer's maps
@@ -109,8 +110,7 @@ def test_every_term_matches_an_independent_computation(path):
         assert model.teacher_needs == Needs(True, True, queries_keys=frozenset({1, 3}))
     attend_as_built(model, student, teacher)
     with torch.no_grad():
-        t = encode(teacher, b["input_ids"], b["attention_mask"], model.teacher_needs, b["rows"])
-        loss, values, _ = model(b, t)
+        loss, values, *_ = model(b)
         student.set_attn_implementation("eager"), teacher.set_attn_implementation("eager")  # the maps, below
         so = student(
             b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True, output_attentions=True
@@ -146,9 +146,8 @@ def test_lm_heads_run_only_at_selected_rows():
     student, teacher, b = bert(2, 32), bert(2, 32, seed=1), batch()
     seen = []
     student.cls.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
-    model = DistillationModel(student, terms_for([{"kind": "logit_kl"}], student, teacher), [1.0])
-    t = encode(teacher, b["input_ids"], b["attention_mask"], model.teacher_needs, b["rows"])
-    model(b, t)
+    model = Distiller(student, terms_for([{"kind": "logit_kl"}], student, teacher), [1.0], teacher)
+    *_, t = model(b)
     assert t.logits.shape == (3, 97) and seen == [(3, 97)]  # 3 masked rows, never 3 x 10 x 97
 
 
@@ -156,9 +155,8 @@ def test_gradients_reach_student_and_projection_only():
     student, teacher, b = bert(2, 16, heads=2), bert(2, 32), batch()
     teacher.requires_grad_(False)
     terms = terms_for([{"kind": "hidden_mse", "layer_map": "uniform", "projection": True}], student, teacher)
-    model = DistillationModel(student, terms, [1.0])
-    t = encode(teacher, b["input_ids"], b["attention_mask"], model.teacher_needs, b["rows"])
-    loss, _, _ = model(b, t)
+    model = Distiller(student, terms, [1.0], teacher)
+    loss, *_ = model(b)
     loss.backward()
     assert model.terms[0].projection.weight.grad is not None
     assert student.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
@@ -188,9 +186,10 @@ def test_logit_rows_all_uses_every_non_pad_token():
     student, teacher, b = bert(2, 32), bert(2, 32, seed=1), batch()
     b["rows"] = b["attention_mask"].flatten().nonzero().squeeze(1)
     b["row_labels"] = b["labels"].flatten()[b["rows"]]
-    model = DistillationModel(student, terms_for([{"kind": "mlm"}, {"kind": "logit_kl"}], student, teacher), [1.0, 1.0])
-    t = encode(teacher, b["input_ids"], b["attention_mask"], model.teacher_needs, b["rows"])
-    _, values, s = model(b, t)
+    model = Distiller(
+        student, terms_for([{"kind": "mlm"}, {"kind": "logit_kl"}], student, teacher), [1.0, 1.0], teacher
+    )
+    _, values, _, s, _ = model(b)
     assert s.logits.shape[0] == int(b["attention_mask"].sum())
     full = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
     masked = b["labels"] != -100
@@ -215,13 +214,12 @@ def test_tinybert_terms_match_an_independent_computation(path):
     """soft_ce (T=2) and attention_score_mse against float64 recomputations, padded queries excluded."""
     student, teacher, b = bert(2, 32), bert(4, 32, seed=1), batch()
     specs = [{"kind": "soft_ce", "temperature": 2.0}, {"kind": "attention_score_mse", "layer_map": [[1, 2], [2, 4]]}]
-    model = DistillationModel(student, terms_for(specs, student, teacher, attention_path=path), [1.0, 1.0])
+    model = Distiller(student, terms_for(specs, student, teacher, attention_path=path), [1.0, 1.0], teacher)
     scores = {"scores": True} if path == "maps" else {"queries_keys": frozenset({0, 1})}
     assert model.student_needs == Needs(logits=True, **scores)
     attend_as_built(model, student, teacher)
     with torch.no_grad():
-        t = encode(teacher, b["input_ids"], b["attention_mask"], model.teacher_needs, b["rows"])
-        _, values, _ = model(b, t)
+        _, values, _, _, t = model(b)
         so = student(b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
         to = teacher(b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
     m = b["attention_mask"].bool()

@@ -12,7 +12,8 @@ from conftest import REPO, csv_metric, matrix
 from transformers import AutoConfig, AutoModel
 
 from biodistill.engine.config import ConfigError, load_recipe
-from biodistill.engine.losses import DistillationModel, build_terms
+from biodistill.engine.distiller import Distiller
+from biodistill.engine.losses import build_terms
 from biodistill.engine.models.outputs import Needs, Outputs, hidden_size, num_heads, num_layers
 from biodistill.engine.models.published import published_config
 from biodistill.engine.models.smoke import smoke
@@ -150,7 +151,7 @@ def test_distilbiobert_loss_is_the_published_formula():
     recipe = load_recipe(REPO / "configs" / "distilbiobert.yaml", check_paths=False)
     student_cfg, teacher_cfg = full_size(recipe)
     terms = build_terms(recipe.losses, student_cfg, teacher_cfg, recipe.source)
-    model = DistillationModel(torch.nn.Identity(), terms, [t.weight for t in recipe.losses.terms])
+    model = Distiller(torch.nn.Identity(), terms, [t.weight for t in recipe.losses.terms])
 
     g = torch.Generator().manual_seed(7)
     B, T, H, V = 2, 12, 768, 28996

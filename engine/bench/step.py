@@ -112,7 +112,7 @@ def bench_recipe(config: str, micro_batch: int, length: int, precision: str, ste
         trainer.train_step(feed)
 
     def teacher_forward():
-        trainer.teacher_outputs(next(teacher_feed))
+        trainer.model.teacher_outputs(next(teacher_feed))
 
     tokens = micro_batch * length * trainer.grad_accum
     with kernel_mode("reference"):  # FLOPs are the same either way; count them through plain PyTorch ops
