@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # prefix, decided when a target runs: before make install there may be no torch to ask).
 DS_ACCELERATOR = DS_ACCELERATOR=$$($(PYTHON) -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 
-.PHONY: install constraints upgrade-check demo eval-demo test lint bench-deploy bench-overhead bench-data bench-placement bench-attention bench-kernels gpu-check
+.PHONY: install constraints upgrade-check demo eval-demo test test-fast lint bench-deploy bench-overhead bench-data bench-placement bench-attention bench-kernels gpu-check
 
 install:
 	# Under constraints.txt: the exact versions the suite last passed with, whatever PyPI serves today.
@@ -42,6 +42,10 @@ eval-demo: install
 
 test: install
 	$(PYTHON) -m pytest
+
+# The edit-test loop: unit tests and the Triton-interpreter kernels, no multi-rank jobs and no slow commands.
+test-fast: install
+	$(PYTHON) -m pytest -m "not multirank and not slow" -q
 
 lint: install
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .

@@ -65,6 +65,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
+    # teacher_layers: the teacher's embeddings and chosen layers; config: a random init; checkpoint: continue one
     init: Literal["config", "teacher_layers", "checkpoint"] = "teacher_layers"
     teacher_layers: list[int] = field(default_factory=list)  # 0-indexed teacher layers copied (teacher_layers)
     path: str = ""  # checkpoint to continue from (checkpoint), or a config to start from (config)
@@ -78,10 +79,10 @@ class DataConfig:
     # .csv(.gz); .txt (a document a line), .jsonl, .parquet; globs ok
     train_files: list[str] = field(default_factory=list)
     dataset: str = ""  # a `datasets` name instead of files (needs a reachable hub or local cache)
-    dataset_config: str = ""
-    dataset_split: str = "train"
-    text_field: str = "text"
-    max_length: int = 128
+    dataset_config: str = ""  # the dataset's configuration name, if it has several
+    dataset_split: str = "train"  # the split of data.dataset read
+    text_field: str = "text"  # the field (jsonl, parquet, dataset column) that holds a document's text
+    max_length: int = 128  # tokens a sequence, [CLS] and [SEP] included (8 to 8192)
     packing: bool = True  # concatenate documents and cut full blocks; false: keep document boundaries
     long_documents: Literal["truncate", "split"] = "truncate"  # without packing: cut at max_length, or continue
     whole_word_masking: bool = False  # mask every piece of a chosen word, not single word pieces
@@ -94,17 +95,17 @@ class DataConfig:
     pmc_require_body: bool = False  # PMC: skip (and count) articles with no body paragraphs (abstract-only)
     on_bad_input: Literal["skip", "error"] = "skip"  # unreadable records: count and go on, or stop
     streaming: bool = False  # read and tokenise on the fly, each rank its shard (no cache; corpora beyond disk)
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.15  # share of tokens masked (80% [MASK], 10% random, 10% kept)
     heldout_fraction: float = 0.05  # documents held out for evaluation
-    cache_dir: str = "~/.cache/biodistill/datasets"
+    cache_dir: str = "~/.cache/biodistill/datasets"  # the prepared Arrow caches, one folder per content key
     num_workers: int = 1  # tokenisation processes
-    seed: int = 1234
+    seed: int = 1234  # the held-out split, the sample order and the masks
 
 
 @dataclass
 class LossTermConfig:
     kind: str = ""  # a name in the loss registry (engine/losses.py, LOSSES)
-    weight: float = 1.0
+    weight: float = 1.0  # the term's weight in the total (>= 0; at least one term > 0)
     layer_map: LayerMap = "last"  # hidden/attention terms: "last", "uniform" or [[student, teacher], ...]
     temperature: Optional[float] = None  # logit_kl / soft_ce: overrides losses.temperature
     projection: bool = False  # hidden_mse: learn a student->teacher width projection (dropped at export)
@@ -115,7 +116,7 @@ class LossTermConfig:
 
 @dataclass
 class LossesConfig:
-    temperature: float = 2.0
+    temperature: float = 2.0  # logit_kl / soft_ce temperature T (the loss is scaled by T^2)
     logit_rows: Literal["masked", "all"] = "masked"  # rows where the LM heads run: MLM-masked or all non-pad
     # How attention terms read the maps. fused: from each layer's captured queries and keys, by the kernel in
     # kernels/attention.py (no T x T tensor; both models keep SDPA / flash). maps: eager attention's [B, heads, T, T]
@@ -126,10 +127,10 @@ class LossesConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = 5e-4  # AdamW's peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's beta1, beta2
+    eps: float = 1e-8  # AdamW's epsilon
+    weight_decay: float = 0.0  # decoupled weight decay (not on biases and norm weights)
     warmup_steps: int = 0  # linear warmup, then linear decay to zero at train.max_steps
 
 
@@ -137,14 +138,14 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 100  # optimiser steps
     micro_batch_size: int = 8  # sequences per rank per micro-step
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-steps per optimiser step
     global_batch_size: int = 0  # set: grad_accum = global / (micro_batch_size x world), whatever the world size
     grad_clip: float = 1.0  # 0 disables clipping
     # auto: bf16 on GPUs that have it (A100, H100, ...), fp16 with DeepSpeed's loss scaling on older ones, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 42
-    output_dir: str = "runs/default"
-    log_every: int = 10
+    seed: int = 42  # random inits (the same on every rank) and dropout (offset by the rank)
+    output_dir: str = "runs/default"  # checkpoints/, monitor/, metrics.jsonl, summary.json, student/
+    log_every: int = 10  # optimiser steps between log lines (and host reads of the device)
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_batches: int = 8  # held-out micro-batches per rank for each evaluation
     save_every: int = 0  # 0: save only at the end
@@ -162,10 +163,10 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 2
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (without deepspeed.config)
     config: str = ""  # a user's DeepSpeed JSON; when set it is passed to DeepSpeed as it is
-    tensorboard: bool = True
-    csv: bool = True
+    tensorboard: bool = True  # DeepSpeed's TensorBoard monitor in output_dir/monitor
+    csv: bool = True  # DeepSpeed's CSV monitor in output_dir/monitor
 
 
 @dataclass
