@@ -12,9 +12,8 @@ import logging
 import os
 import sys
 import warnings
-from typing import Optional
 
-from .config import ConfigError, Recipe, data_files, load_recipe
+from .config import ConfigError, load_recipe
 from .runtime import preempt
 
 
@@ -44,39 +43,6 @@ def parse_args(argv: list[str] | None = None):
 
     deepspeed.add_config_arguments(parser)
     return parser.parse_known_args(argv)
-
-
-def check(recipe: Recipe, resume: Optional[str]) -> None:
-    """The start-up checks: everything that can be found wrong without weights, a process group or a
-    GPU, each failure a ConfigError naming the key at fault. The world first (paths, writable
-    directories, the resume target, an offline node's cache), then the corpus formats, then the models'
-    configs: copied layers, position limits, every loss term's layer map, the tokenizers, and room on
-    disk for a checkpoint of this student."""
-    from .data import corpora, tokenise
-    from .losses import build_terms, validate_terms
-    from .models.outputs import hidden_size
-    from .models.students import check_positions, parameter_count, student_config, teacher_config
-    from .models.teacher import seen_by_terms
-    from .runtime import preflight
-    from .runtime.distributed import check_deepspeed_json, check_precision, launch_world
-
-    r = recipe
-    validate_terms(r)  # each term's kind and options, by its own class
-    preflight.check(r, resume)
-    if r.data.train_files:
-        for key, path in data_files(r.data, r.source):
-            corpora.require_known_format(r.where("data.train_files"), key, path)
-    teacher = teacher_config(r)
-    student = student_config(r, teacher)  # student.teacher_layers against the teacher
-    check_positions(r, teacher, student)  # data.max_length against both models' position embeddings
-    params = parameter_count(r, student)  # built on the meta device: a config its family refuses is named now
-    check_precision(r)  # fp16 only where there is a GPU
-    for note in check_deepspeed_json(r, launch_world(), hidden_size(student)):  # batch arithmetic, flags vs JSON
-        if os.environ.get("RANK", "0") == "0":
-            print(f"[biodistill] note: {note}", file=sys.stderr, flush=True)
-    build_terms(r.losses, student, seen_by_terms(r, teacher, student), r.source)  # every layer map
-    tokenise.check_tokenizers(r, teacher, student)
-    preflight.room_for_a_checkpoint(r, params)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,13 +75,14 @@ def run(argv: list[str] | None, preemption: preempt.Preemption) -> int:
             from .models.smoke import smoke as transform
         recipe = load_recipe(args.config, overrides, deepspeed_config=args.deepspeed_config or "", transform=transform)
         preemption.configure(recipe.train.output_dir, recipe.train.preempt_grace)
+        from .plan import make_plan
         from .runtime import faults
         from .runtime.health import JobError
         from .trainer import Trainer
 
         faults.arm()
-        check(recipe, args.resume)  # before any process group, weights or compute
-        trainer = Trainer(recipe, resume=args.resume)
+        plan = make_plan(recipe, args.resume)  # the start-up checks, before any process group, weights or compute
+        trainer = Trainer(plan)
         try:
             trainer.fit()
         except preempt.Preempted as stop:

@@ -9,41 +9,34 @@ how it finds and restores a checkpoint in ``runtime/resume.py``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Optional
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from .config import Recipe, model_location, resolve_precision
+from .config import Recipe, model_location
 from .data import batches, cache, stream
 from .data.tokenise import VocabMap, recipe_tokenizer
 from .distiller import Distiller
-from .losses import attention_notes, build_terms, needs_teacher
-from .models.outputs import Needs, hidden_size
-from .models.students import build_student, student_config, teacher_config
-from .models.teacher import load_teacher, place_teacher, resident_bytes, seen_by_terms
+from .models.students import build_student
+from .models.teacher import load_teacher, place_teacher, resident_bytes
+from .plan import Plan, make_plan
 from .runtime import checkpoint, faults, hub, preempt, report
-from .runtime.distributed import bf16_supported, deepspeed_config, init_distributed, release_shared_memory
+from .runtime.distributed import init_distributed, release_shared_memory
 from .runtime.health import Health
 from .runtime.resume import Position, find_checkpoint, load_checkpoint, tag_to_load
+from .runtime.seeds import seed_everything
 from .runtime.skips import SkipGuard
 
 log = logging.getLogger("biodistill")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -54,18 +47,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, resume: Optional[str] = None):
+    """The loop over one resolved job (:class:`~biodistill.engine.plan.Plan`): it builds what the plan says and
+    resolves nothing again. ``Trainer.from_recipe`` plans and builds in one call."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.recipe = recipe = plan.recipe  # every "auto" already concrete for this device
         self.dist = init_distributed(recipe.train.collective_timeout)
+        if self.dist.world != plan.world:  # the plan's batch arithmetic and DeepSpeed config assume its world
+            raise RuntimeError(f"the job was planned for {plan.world} ranks (the launcher's WORLD_SIZE) and joined "
+                               f"a process group of {self.dist.world}")  # fmt: skip
         self.preemption = preempt.current()  # installed by the CLI: a signal saves and exits "resume me"
         if self.preemption is not None:
             self.preemption.attach(dist.distributed_c10d._get_default_store(), self.dist.rank)
-        # "auto" precisions made concrete for this device: everything below, and the summary, sees those
-        self.recipe = recipe = resolve_precision(recipe, self.dist.device.type, bf16_supported(self.dist.device))
         hub.agree()  # every rank loads the same way: offline if any rank cannot reach the hub
         faults.hit("train.start", 0)  # every rank is past the process group's set-up (a collective just ran)
         self.out = Path(recipe.train.output_dir)
         self.checkpoints = self.out / "checkpoints"
-        self.resume_point = find_checkpoint(recipe, resume, self.dist)  # before anything is built
+        self.resume_point = find_checkpoint(recipe, plan.resume, plan.resume_point, self.dist)
+        if self.dist.rank == 0:
+            for note in plan.attention:  # which path each attention term takes, and what it holds
+                log.warning(note)
         seed_everything(recipe.train.seed)  # the same on every rank: random inits must agree before ZeRO
         self._build_models()
         self._build_engine()
@@ -85,25 +87,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ building
 
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, resume: Optional[str] = None) -> Trainer:
+        """Plan ``recipe`` (the start-up checks) and build its trainer."""
+        return cls(make_plan(recipe, resume))
+
     def _build_models(self) -> None:
-        r = self.recipe
-        # Configs only: the terms' needs decide what the models are loaded with.
-        teachers = teacher_config(r)
-        students = student_config(r, teachers)
-        probe = build_terms(r.losses, students, seen_by_terms(r, teachers, students), r.source)
-        self._attention_memory(probe, students, teachers)
-        student_needs = teacher_needs = Needs()
-        for term in probe:
-            student_needs, teacher_needs = student_needs | term.student_needs, teacher_needs | term.teacher_needs
+        r, p = self.recipe, self.plan
+        # What the models are loaded with follows from the terms' needs, decided in the plan.
         self.teacher = (
-            load_teacher(r, teacher_needs, self.dist.device)
-            if needs_teacher(r.losses) or r.student.init == "teacher_layers"
+            load_teacher(r, p.teacher_needs, self.dist.device)
+            if p.teacher_used or r.student.init == "teacher_layers"
             else None
         )
         self.tokenizer = recipe_tokenizer(r)
-        self.student = build_student(r, student_needs, self.teacher)
+        self.student = build_student(r, p.student_needs, self.teacher, p.student_config)
         self.teacher_engine = None
-        if not needs_teacher(r.losses):
+        if not p.teacher_used:
             self.teacher = None  # only used to initialise the student
         else:  # after the student copied its layers from the whole teacher
             self.teacher, self.teacher_engine = place_teacher(
@@ -113,24 +113,11 @@ class Trainer:
         if r.teacher.vocab_map:
             teacher_tokenizer = AutoTokenizer.from_pretrained(model_location(r.teacher.path))
             vocab_map = VocabMap(self.tokenizer, teacher_tokenizer, self.student.config.vocab_size).to(self.dist.device)
-        seen = seen_by_terms(r, self.teacher.config if self.teacher else None, self.student.config)
-        terms = build_terms(r.losses, self.student.config, seen, r.source)
-        self.model = Distiller(self.student, terms, [t.weight for t in r.losses.terms], self.teacher, vocab_map)
-
-    def _attention_memory(self, terms, students, teachers) -> None:
-        """Say which path each attention term takes and what it holds at this length; refuse maps that cannot
-        fit on this device. The lines go into summary.json too."""
-        device = self.dist.device
-        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        element_bytes = 4 if self.recipe.train.precision == "fp32" else 2
-        self.attention_paths = attention_notes(self.recipe, terms, students, teachers, element_bytes, total)
-        if self.dist.rank == 0:
-            for note in self.attention_paths:
-                log.warning(note)
+        self.model = Distiller(self.student, p.terms, p.weights, self.teacher, vocab_map)
 
     def _build_engine(self) -> None:
         r = self.recipe
-        ds_config = deepspeed_config(r, self.dist.world, hidden_size(self.student.config))
+        ds_config = copy.deepcopy(self.plan.ds_config)
         if self.resume_point is not None:
             tag, job = self.resume_point
             self.resume_point = tag_to_load(self.checkpoints, tag, job, self.dist.world, ds_config), job
@@ -307,7 +294,8 @@ class Trainer:
                 "teacher_placement": r.teacher.placement if self.teacher is not None else None,
             },
             "ranks": report.resources(self.engine, self.student, pos.step, step_seconds, teacher_bytes, d),
-            "attention_terms": self.attention_paths,
+            "attention_terms": self.plan.attention,
+            "plan": self.plan.summary(),
             "skipped": {**pos.skips, "fp16_overflow_steps": self.engine.skipped_steps},
         }
         if r.train.export:

@@ -20,10 +20,10 @@ import pytest
 from conftest import REPO, SAMPLE, launch, minilm_dir, recipe_dict, summary, write_recipe
 from transformers import AutoTokenizer
 
-from biodistill.engine import cli
 from biodistill.engine.config import ConfigError, DataConfig, load_recipe
 from biodistill.engine.data import corpora
 from biodistill.engine.data.cache import prepare
+from biodistill.engine.plan import make_plan
 from biodistill.engine.runtime.distributed import deepspeed_config
 
 # --------------------------------------------------------------------------------- PubMed / MEDLINE
@@ -397,7 +397,7 @@ def test_max_length_beyond_the_teacher_s_positions_is_refused_before_any_work(tm
     recipe = recipe_dict(tiny_teacher, tiny_corpus, tmp_path, [{"kind": "hidden_mse"}], data={"max_length": 1024})
     r = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
     with pytest.raises(ConfigError) as error:
-        cli.check(r, None)
+        make_plan(r, None)
     assert str(error.value) == (
         f"{tmp_path / 'r.yaml'}: data.max_length: 1024 tokens is longer than the teacher has positions for: 128 "
         f"(bert, {tiny_teacher}); set data.max_length 128 or less"
@@ -494,7 +494,7 @@ def test_two_rank_job_on_a_pmc_package_and_mimic_iv_under_transformers_zero2_jso
         data={"train_files": [str(package), str(discharge)], "deid": "normalise"},
         train={"max_steps": 10, "export": False, "eval_batches": 4},
     )  # fmt: skip
-    recipe["student"].pop("teacher_layers")
+    recipe["student"].pop("teacher_layers", None)
     proc = launch(
         write_recipe(tmp_path / "r.yaml", recipe), "--deepspeed_config", str(tmp_path / "ds_config_zero2.json")
     )
@@ -517,7 +517,7 @@ def test_one_process_job_under_transformers_zero3_json_with_cpu_offload(tmp_path
         student={"init": "config", "overrides": {"num_hidden_layers": 2}},
         data={"train_files": [str(package), str(discharge)]}, train={"max_steps": 6, "export": False},
     )  # fmt: skip
-    recipe["student"].pop("teacher_layers")
+    recipe["student"].pop("teacher_layers", None)
     path = write_recipe(tmp_path / "r.yaml", recipe)
     cmd = [sys.executable, "-m", "biodistill.engine", "--config", str(path)]
     proc = subprocess.run([*cmd, "--deepspeed_config", str(tmp_path / "ds_config_zero3.json")], capture_output=True,

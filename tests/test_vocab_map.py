@@ -44,14 +44,14 @@ def test_mapped_teacher_sees_its_own_ids_and_answers_in_the_students(student, ti
 
 
 def test_preflight_accepts_a_mapped_student(student, tiny_teacher, tiny_corpus, tmp_path):
-    from biodistill.engine import cli as preflight  # the start-up checks: cli.check
+    from biodistill.engine.plan import make_plan  # the start-up checks
 
     recipe = recipe_dict(
         tiny_teacher, tiny_corpus, tmp_path, TERMS, student={"init": "checkpoint", "path": str(student)}
     )
-    recipe["student"].pop("teacher_layers")
+    recipe["student"].pop("teacher_layers", None)
     recipe["teacher"]["vocab_map"] = "by_token"
-    preflight.check(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), None)
+    make_plan(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), None)
 
 
 @pytest.mark.multirank
@@ -60,7 +60,7 @@ def test_a_mapped_student_distils_in_a_real_job(student, tiny_teacher, tiny_corp
         tiny_teacher, tiny_corpus, tmp_path, TERMS,
         student={"init": "checkpoint", "path": str(student)}, train={"max_steps": 4, "export": False},
     )  # fmt: skip
-    recipe["student"].pop("teacher_layers")
+    recipe["student"].pop("teacher_layers", None)
     recipe["teacher"]["vocab_map"] = "by_token"
     proc = launch(write_recipe(tmp_path / "r.yaml", recipe), ranks=1)
     assert proc.returncode == 0

@@ -71,7 +71,7 @@ def main(argv=None) -> None:
             "the hand-written baseline covers hidden_cosine, hidden_mse and attention_kl with uniform maps"
         )
 
-    trainer = Trainer(recipe)
+    trainer = Trainer.from_recipe(recipe)
     student0 = copy.deepcopy(trainer.student)  # same initial weights for the baseline
     ns, nt = student0.config.num_hidden_layers, trainer.teacher.config.num_hidden_layers
     pairs = [(i, i * nt // ns) for i in range(1, ns + 1)]

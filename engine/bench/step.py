@@ -100,7 +100,7 @@ def bench_recipe(config: str, micro_batch: int, length: int, precision: str, ste
         r.train, micro_batch_size=micro_batch, precision=precision, max_steps=10**6, log_every=10**6, export=False
     )
     r.deepspeed = dataclasses.replace(r.deepspeed, tensorboard=False, csv=False)
-    trainer = Trainer(r)
+    trainer = Trainer.from_recipe(r)
     device = trainer.dist.device
     source = trainer._batches()
     fixed = [next(source) for _ in range(4)]

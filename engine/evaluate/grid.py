@@ -67,7 +67,7 @@ def initial_student(suite: Suite, entry: ModelEntry) -> Path:
     from ..models.outputs import Needs
     from ..models.students import build_student
     from ..models.teacher import load_teacher
-    from ..trainer import seed_everything
+    from ..runtime.seeds import seed_everything
 
     seed_everything(recipe.train.seed)  # the same init the distillation job makes
     needs_teacher = recipe.student.init == "teacher_layers"

@@ -136,15 +136,15 @@ def parameter_count(recipe: Recipe, config: PretrainedConfig) -> int:
         raise recipe.error(key, f"the student's config cannot be built ({config.model_type}): {said}") from None
 
 
-def from_config(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
-    return new_student(recipe, student_config(recipe, teacher.config if teacher is not None else None), needs)
+def from_config(recipe: Recipe, config: PretrainedConfig, needs: Needs, teacher) -> torch.nn.Module:
+    return new_student(recipe, config, needs)
 
 
-def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
+def from_teacher_layers(recipe: Recipe, config: PretrainedConfig, needs: Needs, teacher) -> torch.nn.Module:
     """Embeddings plus ``student.teacher_layers`` (0-indexed) of the teacher, in that order; the MLM head
     too when both models have one."""
     layers = recipe.student.teacher_layers
-    student = new_student(recipe, student_config(recipe, teacher.config), needs)
+    student = new_student(recipe, config, needs)
     source = {}
     for key, value in teacher.base_model.state_dict().items():
         match = _LAYER_KEY.match(key)
@@ -183,11 +183,11 @@ def from_teacher_layers(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn
     return student
 
 
-def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
+def from_checkpoint(recipe: Recipe, config: PretrainedConfig, needs: Needs, teacher) -> torch.nn.Module:
     cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
     # The checkpoint's config with the overrides applied before the modules are built (a dropout
     # override set afterwards would change the config but not the model).
-    kwargs = {"dtype": torch.float32, "config": student_config(recipe, None)}
+    kwargs = {"dtype": torch.float32, "config": config}
     if implementation := attn_implementation(needs, kwargs["config"]):
         kwargs["attn_implementation"] = implementation
     try:
@@ -197,12 +197,17 @@ def from_checkpoint(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Mod
     return model
 
 
-STUDENT_BUILDERS: dict[str, Callable[[Recipe, Needs, Optional[torch.nn.Module]], torch.nn.Module]] = {
+# init -> builder(recipe, the student's config, what the terms need of it, the teacher or None)
+STUDENT_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "config": from_config,
     "teacher_layers": from_teacher_layers,
     "checkpoint": from_checkpoint,
 }
 
 
-def build_student(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
-    return STUDENT_BUILDERS[recipe.student.init](recipe, needs, teacher)
+def build_student(recipe: Recipe, needs: Needs, teacher: Optional[torch.nn.Module],
+                  config: Optional[PretrainedConfig] = None) -> torch.nn.Module:  # fmt: skip
+    """The student ``student.init`` builds, of ``config`` (the plan's; derived from the recipe when None)."""
+    if config is None:
+        config = student_config(recipe, teacher.config if teacher is not None else None)
+    return STUDENT_BUILDERS[recipe.student.init](recipe, config, needs, teacher)

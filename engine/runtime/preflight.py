@@ -1,6 +1,6 @@
 """Start-up checks of the world: everything about paths, disks and checkpoints that can be found wrong
 without loading weights or touching a GPU, before the job joins its process group, each failure naming
-the key at fault. ``cli.check`` runs these, then the checks of the corpus formats (``data/corpora.py``),
+the key at fault. ``plan.make_plan`` runs these, then the checks of the corpus formats (``data/corpora.py``),
 the models' configs and layer maps (``models/students.py``, ``losses.py``) and the tokenizers
 (``data/tokenise.py``).
 

@@ -25,10 +25,11 @@ class Position:
     stream_state: Optional[dict] = None  # this rank's stream position (data.streaming)
 
 
-def find_checkpoint(recipe: Recipe, resume: Optional[str], dist: Dist) -> Optional[tuple[str, dict]]:
-    """The checkpoint ``--resume`` names (or the latest) as ``(tag, job)``, checked before anything is built."""
+def find_checkpoint(recipe: Recipe, resume: Optional[str], found: Optional[tuple[str, dict]],
+                    dist: Dist) -> Optional[tuple[str, dict]]:  # fmt: skip
+    """The checkpoint ``--resume`` names (or the latest), ``found`` by the start-up checks as ``(tag, job)``: said,
+    and checked against this world, before anything is built."""
     directory = Path(recipe.train.output_dir) / "checkpoints"
-    found = preflight.resume_point(recipe, resume)
     if found is None:
         if resume is not None and dist.is_main:
             tqdm.write(f"[biodistill] --resume: no checkpoint in {directory}; starting from step 0")

@@ -1,7 +1,7 @@
 """A real multi-rank job that trains one recipe under several settings, one after another, in one
 process group (a launch costs ~17 s here, nearly all of it imports and start-up; a Trainer ~2 s). A setting
 may name its own recipe (``--config``) and ask for its smoke version (``--smoke``, as launch/train.py does);
-each goes through the entry point's start-up checks (engine/cli.py, ``check``) before its Trainer. Each setting
+each goes through the entry point's start-up checks (engine/plan.py, ``make_plan``) before its Trainer. Each setting
 writes its own output directory (``<out>.d/<name>``, or the smoke version's: monitor CSVs, checkpoints,
 summary.json); rank 0 also writes, per setting, its summary (job shape, held-out metrics, per-rank weight
 digests, memory, step time, ``output_dir``) to ``--out``. ``--count-syncs`` adds, per setting, the host-device
@@ -21,9 +21,9 @@ import sys
 import syncs
 import torch.distributed as dist
 
-from biodistill.engine.cli import check
 from biodistill.engine.config import Recipe, load_recipe
 from biodistill.engine.models.smoke import smoke
+from biodistill.engine.plan import make_plan
 from biodistill.engine.runtime import hub
 from biodistill.engine.trainer import Trainer
 
@@ -68,8 +68,7 @@ def main() -> int:
             recipe = load_recipe(run.config, overrides, transform=lambda r, out=out: smoke(at(r, out)))
         else:
             recipe = load_recipe(run.config, [*overrides, "--train.output_dir", out])
-        check(recipe, None)
-        trainer = Trainer(recipe)
+        trainer = Trainer(make_plan(recipe, None))  # the start-up checks first, as the entry point runs them
         results[name] = {**trainer.fit(), "output_dir": recipe.train.output_dir}
         if calls is not None:
             by_owner: dict[str, list[str]] = {}
