@@ -26,6 +26,8 @@ from biodistill.engine.deploy import cli
 from biodistill.engine.deploy.export import export, session
 from biodistill.engine.models.minialbert import MiniAlbertConfig, MiniAlbertForTokenClassification
 
+pytestmark = pytest.mark.slow  # every test exports an ONNX model (seconds each): not in make test-fast
+
 VOCAB = 30522  # the MiniLM tokenizer every model here is saved with
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=128)  # fmt: skip

@@ -431,6 +431,7 @@ def minilm2(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_real_fine_tune_learns_ner_far_above_the_majority_baseline(minilm2, tmp_path):
     data = read_task(ner_task(SAMPLE_NER), "tasks[0]")
     # Majority label: every token "O", no entity found: entity F1 0.
@@ -474,6 +475,7 @@ def test_adapters_only_leaves_every_body_weight_bit_identical(tmp_path):
 # ------------------------------------------------------------------------- the grid: kill, resume
 
 
+@pytest.mark.slow
 def test_a_grid_killed_mid_cell_resumes_without_rerunning_finished_cells(tmp_path):
     """NER, relation and QA cells of a tiny model in one grid: killed while the second cell trains, then
     resumed by two worker processes: the first cell is not run again (its files untouched), the others

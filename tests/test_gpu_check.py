@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_make_gpu_check_dry_run_writes_a_whole_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\n## An earlier section\n\nkept as it was\n")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO
 
 
@@ -20,6 +21,7 @@ def compiler_env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_every_shipped_kernel_compiles_for_sm80_and_sm90_without_spilling():
     """Every KL and adapter launch, and the largest attention launch of each of its tile configurations (the
     whole attention matrix, 210 launches, is ``--only attention``: BENCHMARKS.md keeps its table)."""
