@@ -121,8 +121,7 @@ def make_plan(recipe: Recipe, resume: Optional[str]) -> Plan:
 
     r = recipe
     validate_terms(r)  # each term's kind and options, by its own class
-    preflight.check(r, resume)
-    resume_point = preflight.resume_point(r, resume)
+    resume_point = preflight.check(r, resume)  # the world, and the checkpoint --resume continues (its files hashed)
     if r.data.train_files:
         for key, path in data_files(r.data, r.source):
             corpora.require_known_format(r.where("data.train_files"), key, path)

@@ -327,18 +327,22 @@ def test_whole_word_masking(tokenizer):
     assert split > 0  # token-level masking does split words: the test can tell the two apart
 
 
-def test_prepare_command(tmp_path):
-    corpus = baseline(tmp_path)
+def prepare_command(tmp_path, train_files: list[str]) -> list[str]:
+    """``biodistill-prepare`` (as ``python -m``) over a recipe whose corpus is ``train_files``, 48-token sequences."""
     recipe = {
         "teacher": {"path": MINILM},
         "student": {"init": "config", "overrides": {"num_hidden_layers": 2}},
         "losses": {"terms": [{"kind": "hidden_cosine"}]},
-        "data": {"train_files": [str(corpus)], "cache_dir": str(tmp_path / "cache"), "packing": False},
+        "data": {"train_files": train_files, "cache_dir": str(tmp_path / "cache"), "packing": False},
         "train": {"output_dir": str(tmp_path / "run")},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))
-    cmd = [sys.executable, "-m", "biodistill.engine.data.cache", "--config", str(path), "--data.max_length", "48"]
+    return [sys.executable, "-m", "biodistill.engine.data.cache", "--config", str(path), "--data.max_length", "48"]
+
+
+def test_prepare_command(tmp_path):
+    cmd = prepare_command(tmp_path, [str(baseline(tmp_path))])
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "documents read 4" in first.stdout and "skipped        1  malformed XML record" in first.stdout
@@ -388,17 +392,8 @@ def test_recursive_glob_over_symlink_loops_reads_each_file_once(tmp_path):
     os.symlink("../loop", loop / "up")
     (loop / "sub").mkdir()
     (loop / "sub" / "more.jsonl").write_text(json.dumps({"text": ABSTRACTS[0]}) + "\n")
-    recipe = {
-        "teacher": {"path": MINILM},
-        "student": {"init": "config", "overrides": {"num_hidden_layers": 2}},
-        "losses": {"terms": [{"kind": "hidden_cosine"}]},
-        "data": {"train_files": [str(loop / "**" / "*.jsonl")], "cache_dir": str(tmp_path / "cache"), "packing": False},
-        "train": {"output_dir": str(tmp_path / "run")},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(json.dumps(recipe))
-    cmd = [sys.executable, "-m", "biodistill.engine.data.cache", "--config", str(path), "--data.max_length", "48"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(prepare_command(tmp_path, [str(loop / "**" / "*.jsonl")]), capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "files 2, documents read 11" in done.stdout
 

@@ -29,9 +29,10 @@ from . import checkpoint, hub
 CHECKPOINT_BYTES_PER_PARAM = 16
 
 
-def check(recipe: Recipe, resume: Optional[str]) -> None:
+def check(recipe: Recipe, resume: Optional[str]) -> Optional[tuple[str, dict]]:
     """The checks of the world: local model directories and corpora readable, output and cache
-    directories writable, the resume target whole. Raises the first ConfigError found."""
+    directories writable, the resume target whole. Raises the first ConfigError found; returns the checkpoint
+    ``--resume`` continues, as ``(tag, job)`` (None for a fresh start)."""
     r = recipe
     for key, path in (("teacher.path", r.teacher.path), ("student.path", r.student.path)):
         if path and is_local(path):
@@ -43,12 +44,13 @@ def check(recipe: Recipe, resume: Optional[str]) -> None:
     written_paths(r)
     if r.data.train_files and not r.data.streaming:
         _writable(r, "data.cache_dir", resolve_path(r.data.cache_dir))
-    resume_point(r, resume)
+    found = resume_point(r, resume)
     for key, name, weights in (("teacher.path", r.teacher.path, True),
                                ("student.path", r.student.path, r.student.init == "checkpoint")):  # fmt: skip
         missing = hub.check_cached(name, weights) if name else None
         if missing:  # an offline node: fail now, not after the process group and the hub client's retries
             raise r.error(key, missing)
+    return found
 
 
 def job_paths(r: Recipe) -> tuple[list[Path], list[Path]]:
