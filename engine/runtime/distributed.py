@@ -257,7 +257,8 @@ def deepspeed_reads(config: dict, path: str, world: int) -> None:
     import pydantic
     from deepspeed.runtime import config as ds
 
-    read: set[str] = set()
+    # deepspeed.initialize reads these two before it builds its config (its __init__.py), so no lookup records them
+    read: set[str] = {"sequence_parallel_size", "data_parallel_size"}
 
     class Keys(list):
         def __contains__(self, key):
@@ -296,8 +297,8 @@ def deepspeed_reads(config: dict, path: str, world: int) -> None:
         key = ".".join(str(p) for p in (section, *first["loc"]) if p != "")
         said = "DeepSpeed does not read this key" if first["type"] == "extra_forbidden" else first["msg"]
         raise ConfigError(path, key, f"{said} ({e.title})") from None
-    except Exception:  # a value DeepSpeed judges later, as it would have anyway; the keys read so far are known
-        pass
+    except Exception:  # a value DeepSpeed judges later, as it would anyway; the parse stopped, so the keys it would
+        return  # have read after this one are not known: no key is called unread on half a parse
     for key in config:
         if key not in read:
             close = difflib.get_close_matches(key, sorted(read), n=1, cutoff=0.75)
