@@ -198,12 +198,6 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
         + (" and the GPU named in results.json." if gpu else "."),
         f"Cells finished: {done} of {expected}." + ("" if done == expected else " Rerun the same command to finish."),
     ]
-    if "(noisy)" in "\n".join(lines) or any(_noisy(v) for m in doc["models"].values() for k, v in m.get("deploy", {}).items() if k.endswith(tuple(f"spread_bs{b}" for b in bs))):  # fmt: skip
-        lines.append(
-            f"(noisy): the forwards' times spread by more than {100 * NOISY:.0f}% of their median (half the interquartile "
-            f"range) in each of {TRIES} measurements: the host was busy, and the figure cannot be compared with the "
-            "others; measure again on an idle machine."
-        )
     cut = {
         t.name: {s: n for s, n in r["truncated"].items() if n}
         for m in doc["models"].values()
@@ -217,6 +211,10 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
         )
     if any("deploy" in m for m in doc["models"].values()):
         lines += ["", *deployment_table(suite, doc)]
+    if any("(noisy)" in line for line in lines):  # a figure anywhere in the report, the deployment table's included
+        lines += ["", f"(noisy): the forwards' times spread by more than {100 * NOISY:.0f}% of their median (half the "
+                  f"interquartile range) in each of {TRIES} measurements: the host was busy, and the figure cannot be "
+                  "compared with the others; measure again on an idle machine."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
