@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -432,14 +433,26 @@ def minilm2(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_real_fine_tune_learns_ner_far_above_the_majority_baseline(minilm2, tmp_path):
+def test_a_real_fine_tune_learns_ner_far_above_the_majority_baseline(minilm2, tmp_path, capsys, monkeypatch):
+    """...and says how far it is while it trains: the loss lines reach the cell's log as they come, and a progress
+    line (step, epoch, loss, time left) is printed, here at every step."""
+    from biodistill.engine.evaluate import finetune
+
+    monkeypatch.setattr(finetune, "PROGRESS_SECONDS", 0.0)
     data = read_task(ner_task(SAMPLE_NER), "tasks[0]")
     # Majority label: every token "O", no entity found: entity F1 0.
     assert metrics.ner_scores([s.labels for s in data.splits["test"]], [["O"] * len(s.words) for s in data.splits["test"]])["f1"] == 0  # fmt: skip
     cell = Cell("minilm2", "ner", 3e-4, 16, 1)
     protocol = Protocol(epochs=4, max_length=64)
-    result, _ = run_cell(cell, str(minilm2), "models[0].path", False, data, protocol, tmp_path, lambda _: None)
+    logged = []
+    result, _ = run_cell(cell, str(minilm2), "models[0].path", False, data, protocol, tmp_path, logged.append)
     assert result["test"]["f1"] > 0.6 and result["dev"]["f1"] > 0.8, (result["dev"], result["test"])
+    printed = capsys.readouterr().out
+    steps = int(re.search(r"step \d+/(\d+)", printed).group(1))
+    assert f"[eval]   {cell.id}: step 1/{steps}, epoch " in printed and f"step {steps}/{steps}, epoch 4.00/4" in printed
+    assert "left" in printed and ", loss " in printed
+    losses = [json.loads(line) for line in logged if '"loss"' in line]  # written as they came, every LOG_EVERY steps
+    assert [e["step"] for e in losses] == list(range(finetune.LOG_EVERY, steps + 1, finetune.LOG_EVERY))
     assert set(result["test"]["per_type"]) == {"Chemical", "Disease"}
     rows = [json.loads(line) for line in (tmp_path / "predictions_test.jsonl").read_text().splitlines()]
     assert len(rows) == len(data.splits["test"]) and rows[0]["words"] == data.splits["test"][0].words

@@ -28,6 +28,7 @@ from transformers import (
     DataCollatorWithPadding,
     PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
 )
@@ -242,6 +243,39 @@ def qa_candidates(questions, owners, offsets, start_logits, end_logits) -> dict[
 
 # ------------------------------------------------------------------------------------------ a cell
 
+LOG_EVERY = 10  # optimiser steps between the training loss lines a cell writes into its log.jsonl
+PROGRESS_SECONDS = 30.0  # at most one progress line this often (and one at the end of training)
+
+
+class CellProgress(TrainerCallback):
+    """What a cell is doing while it trains, so that a slow cell is told from a hung one (a cell of MiniLM on
+    NCBI-disease's 5,424 sentences takes over 15 minutes on 2 CPU cores): every Trainer log line goes into the
+    cell's log.jsonl as it comes, and a line with the step, epoch, loss and time left is printed at most every
+    PROGRESS_SECONDS (each worker process prints its own cells)."""
+
+    def __init__(self, cell_id: str, log):
+        self.cell_id, self.log, self.started, self.shown, self.loss = cell_id, log, time.perf_counter(), 0.0, None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        self.log(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}))
+        self.loss = logs.get("loss", self.loss)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if now - self.shown < PROGRESS_SECONDS and state.global_step < state.max_steps:
+            return
+        self.shown = now
+        elapsed = now - self.started
+        left = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+        loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
+        print(f"[eval]   {self.cell_id}: step {state.global_step}/{state.max_steps}, epoch {state.epoch:.2f}/"
+              f"{args.num_train_epochs:g}{loss}, {_minutes(elapsed)} so far, about {_minutes(left)} left", flush=True)  # fmt: skip
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s" if seconds >= 60 else f"{seconds:.0f} s"
+
 
 def run_cell(cell: Cell, model_path: str, model_key: str, adapters_only: bool, task: TaskData,
              protocol: Protocol, out: Path, log, deploy: Deploy | None = None) -> tuple[dict, torch.nn.Module]:  # fmt: skip
@@ -274,14 +308,13 @@ def run_cell(cell: Cell, model_path: str, model_key: str, adapters_only: bool, t
         per_device_eval_batch_size=64, num_train_epochs=protocol.epochs, weight_decay=protocol.weight_decay,
         # transformers 5 reads a warmup_steps below 1 as a fraction of the steps (warmup_ratio is deprecated)
         lr_scheduler_type=protocol.schedule, warmup_steps=protocol.warmup_ratio, seed=cell.seed,
-        save_strategy="no", eval_strategy="no", logging_strategy="epoch", report_to=[], disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=LOG_EVERY, report_to=[],
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=splits["train"], data_collator=collator)
-    trainer.remove_callback(PrinterCallback)  # its per-epoch lines go to the cell's log.jsonl instead
+    trainer.remove_callback(PrinterCallback)  # its lines go to the cell's log.jsonl instead, as they come
+    trainer.add_callback(CellProgress(cell.id, log))
     train = trainer.train()
-    for entry in trainer.state.log_history:
-        log(json.dumps(entry))
     result = {
         "cell": cell.id, "train_loss": float(train.training_loss), "train_seconds": train.metrics["train_runtime"],
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
