@@ -26,6 +26,7 @@ from .config import Recipe, model_location
 from .data import batches, cache, stream
 from .data.tokenise import VocabMap, recipe_tokenizer
 from .distiller import Distiller
+from .models.card import model_card
 from .models.students import build_student
 from .models.teacher import load_teacher, place_teacher, resident_bytes
 from .plan import Plan, make_plan
@@ -299,7 +300,7 @@ class Trainer:
             "skipped": {**pos.skips, "fp16_overflow_steps": self.engine.skipped_steps},
         }
         if r.train.export:
-            summary["export"] = self.export()
+            summary["export"] = self.export({"before": before, "after": after})
         report.write_summary(self.out, summary, d)
         return summary
 
@@ -375,15 +376,18 @@ class Trainer:
         self.saved_step = self.pos.step
         _current_lr(self.engine.lr_scheduler)
 
-    def export(self) -> Optional[str]:
-        """Export the student (without the loss terms' projections) and check the files reload exactly."""
+    def export(self, heldout: Optional[dict] = None) -> Optional[str]:
+        """Export the student (without the loss terms' projections) with its model card, and check the files
+        reload exactly. ``heldout``: the held-out figures before and after, for the card."""
         self._mark(self.pos.step, "export")
         faults.hit("export.begin", self.pos.step)
         checkpoint.refuse_nonfinite(self.student, self.pos.step, self.checkpoints, f"export {self.out / 'student'}")
         state = checkpoint.gathered_state_dict(self.engine, self.student)
         path = None
         if self.dist.is_main:
-            path = checkpoint.export(state, self.student, self.tokenizer, str(self.out / "student"), self._record_of())
+            record = self._record_of()
+            card = model_card(record, self.student.config, self.plan.parameters, self.recipe.student.mlm_head, heldout)
+            path = checkpoint.export(state, self.student, self.tokenizer, str(self.out / "student"), record, card)
             reloaded = type(self.student).from_pretrained(path).state_dict()
             worst = max((reloaded[k].float() - v.float()).abs().max().item() for k, v in state.items() if k in reloaded)
             missing = [k for k in state if k not in reloaded]

@@ -117,3 +117,33 @@ def test_masks_decided_on_the_host_compute_what_the_model_computes(family, attn,
             torch.testing.assert_close(a[valid], b[valid], rtol=1e-5, atol=1e-6)
         for a, b in zip(ours.attentions or (), theirs.attentions or ()):
             torch.testing.assert_close(a.transpose(1, 2)[valid], b.transpose(1, 2)[valid], rtol=1e-5, atol=1e-6)
+
+
+def test_model_card_of_a_published_recipe_names_its_teacher_method_and_citation():
+    """A card as the published ones read: Hugging Face metadata (base model, tags) that huggingface_hub parses, the
+    initialisation, the architecture and parameters, the terms, and the citation of the method it reproduces."""
+    from huggingface_hub import ModelCard
+    from transformers import BertConfig
+
+    from biodistill.engine.models.card import model_card
+
+    record = {
+        "recipe": "distilclinicalbert", "recipe_file": "configs/distilclinicalbert.yaml",
+        "teacher": "emilyalsentzer/Bio_ClinicalBERT",
+        "student": {"init": "teacher_layers", "teacher_layers": [1, 3, 5, 7, 9, 11], "path": ""},
+        "losses": {"temperature": 2.0, "terms": [{"kind": "mlm", "weight": 2.0, "layer_map": "last"},
+                                                 {"kind": "logit_kl", "weight": 5.0, "layer_map": "last"}]},
+        "data": {"train_files": ["NOTEEVENTS.csv.gz"], "dataset": "", "max_length": 256},
+        "steps": 1000, "global_batch": 192, "precision": "bfloat16",
+    }  # fmt: skip
+    config = BertConfig(num_hidden_layers=6, vocab_size=28996)
+    text = model_card(record, config, 65_800_000, True, {"before": {"loss/total": 3.0}, "after": {"loss/total": 1.5}})
+    card = ModelCard(text)
+    assert card.data.base_model == "emilyalsentzer/Bio_ClinicalBERT" and "clinical" in card.data.tags
+    assert (
+        "reproducing DistilClinicalBERT" in card.text and "layers [1, 3, 5, 7, 9, 11] (0-indexed), copied" in card.text
+    )
+    assert "bert, 6 layers, hidden size 768, 12 attention heads, vocabulary 28,996: 65,800,000 parameters" in card.text
+    assert "| `logit_kl` | 5 | last | 2.0 |" in card.text and "| loss/total | 3.0000 | 1.5000 |" in card.text
+    assert "Lightweight transformers for clinical natural language processing" in card.text
+    assert "Citation" not in model_card({**record, "recipe": "demo-minilm"}, config, 1, True)  # reproduces nothing

@@ -60,6 +60,16 @@ def test_logit_family_trains_and_exports(logit_run):
     assert list((run / "monitor" / "tensorboard").rglob("events.out.tfevents.*"))
     assert "student exported" in proc.stdout + proc.stderr
     assert proc.leaked_shm == []  # DeepSpeed's CPU all-reduce buffers released from /dev/shm
+    # Its model card: Hugging Face's metadata and the distillation as it ran, read back by huggingface_hub.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "student" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
+    assert "biodistill" in card.data.tags and "knowledge-distillation" in card.data.tags
+    assert (
+        "| `logit_kl` | 5 | last | 2.0 |" in card.text and "8 optimiser steps of 8 sequences of 64 tokens" in card.text
+    )
+    assert "| agreement/top1 |" in card.text and "## How to use" in card.text
     # The export reloads with plain transformers and computes exactly what DeepSpeed's checkpoint holds.
     exported = AutoModelForMaskedLM.from_pretrained(run / "student").eval()
     ckpt = torch.load(run / "checkpoints" / "step8" / "mp_rank_00_model_states.pt", weights_only=False)["module"]

@@ -384,10 +384,11 @@ def refuse_nonfinite(module: torch.nn.Module, step: int, directory: Path, what: 
         )
 
 
-def export(state_dict: dict, student: torch.nn.Module, tokenizer, out_dir: str, record: dict) -> Path:
-    """Write the student as a Hugging Face directory (config, safetensors, tokenizer, and ``record`` as
-    distillation.json), whole or not at all: it is written beside the target and renamed into place, replacing
-    only a previous student export (runtime/files.py). Rank 0 only."""
+def export(state_dict: dict, student: torch.nn.Module, tokenizer, out_dir: str, record: dict,
+           card: str = "") -> Path:  # fmt: skip
+    """Write the student as a Hugging Face directory (config, safetensors, tokenizer, ``record`` as distillation.json
+    and ``card`` as README.md), whole or not at all: it is written beside the target and renamed into place,
+    replacing only a previous student export (runtime/files.py). Rank 0 only."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -396,6 +397,8 @@ def export(state_dict: dict, student: torch.nn.Module, tokenizer, out_dir: str, 
     student.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    (tmp / STUDENT_MARKER).write_text(json.dumps(record, indent=1, default=str))
+    if card:
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    (tmp / STUDENT_MARKER).write_text(json.dumps(record, indent=1, default=str))  # last: marks a whole export
     replace_dir(tmp, out, STUDENT_MARKER, "student export")
     return out
