@@ -39,3 +39,22 @@ def test_only_partitioned_optimizer_states_on_another_world_size_need_conversion
     assert needs_universal(str(tmp_path), "step4", job, 2)
     assert not needs_universal(str(tmp_path), "step4", job, 4)
     assert not needs_universal(str(tmp_path), "step8", job, 2)
+
+
+def test_zero3_partition_padding_is_not_read_as_weights(monkeypatch):
+    """ZeRO-3 pads the last rank's partition to the others' size and never writes the padding: its memory can hold
+    NaN. The non-finite check reads only the elements a rank owns (a CI run refused a save over such padding)."""
+    import torch
+
+    from biodistill.engine.runtime import checkpoint
+
+    module = torch.nn.Linear(1, 1, bias=False)
+    weight = module.weight
+    weight.ds_numel = 5  # a 5-element parameter over 2 ranks: partitions of 3, rank 1 owns elements 3 and 4
+    weight.ds_tensor = torch.tensor([1.0, 2.0, float("nan")])
+    weight.ds_tensor.ds_numel = 3
+    monkeypatch.setattr(checkpoint.dist, "get_rank", lambda group=None: 1)
+    assert checkpoint._owned(weight).tolist() == [1.0, 2.0]
+    assert checkpoint.nonfinite_parameters(module) == []
+    weight.ds_tensor[1] = float("inf")
+    assert checkpoint.nonfinite_parameters(module) == ["weight"]

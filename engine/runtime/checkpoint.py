@@ -360,12 +360,23 @@ def weights_digest(engine, module: torch.nn.Module) -> str:
 def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
     """Names of the parameters of ``module`` that hold inf or NaN on any rank (each rank reads its own ZeRO-3
     partition); every rank calls it and gets the same list. One device-to-host read a call: save points only."""
-    params = [(name, getattr(p, "ds_tensor", p)) for name, p in module.named_parameters()]
+    params = [(name, _owned(p)) for name, p in module.named_parameters()]
     flags = torch.stack([~torch.isfinite(t).all() if t.numel() else torch.zeros((), dtype=torch.bool, device=t.device)
                          for _, t in params]).int()  # fmt: skip
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return [name for (name, _), bad in zip(params, flags.tolist()) if bad]
+
+
+def _owned(p: torch.Tensor) -> torch.Tensor:
+    """This rank's values of ``p``: all of it, or under ZeRO-3 its partition without the padding that makes the
+    partitions equal (ZeRO-3 never writes the padding: it holds whatever memory held, NaN included)."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return p
+    size = getattr(part, "ds_numel", part.numel())
+    start = size * dist.get_rank(group=getattr(p, "ds_process_group", None))
+    return part.reshape(-1)[: max(0, min(size, p.ds_numel - start))]
 
 
 class NonFiniteWeights(JobError):
