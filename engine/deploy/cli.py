@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    from .export import check_out, export
+    from .export import export
 
-    try:
-        check_out(args.out, args.model)  # before the model loads: a refusal costs nothing
+    try:  # export() refuses an --out it may not replace before the model loads
         done = export(args.model, args.out, int8=not args.no_int8, fuse=not args.no_fuse, atol=args.atol, key="--model")
     except ConfigError as e:
         print(f"biodistill-export: error: {e}", file=sys.stderr, flush=True)
