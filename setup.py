@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "biodistill.engine",
-        *(f"biodistill.engine.{sub}" for sub in ("data", "models", "runtime", "bench", "evaluate", "deploy")),
+        *(f"biodistill.engine.{sub}" for sub in ("data", "models", "runtime", "bench", "evaluate", "deploy", "task")),
         "biodistill.kernels",
     ],
     # Subpackages follow their parent's mapping: biodistill.engine.data is engine/data.

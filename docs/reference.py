@@ -15,13 +15,15 @@ from biodistill.engine import config
 PAGE = Path(__file__).with_name("configuration.md")
 SECTIONS = [("teacher", config.TeacherConfig), ("student", config.StudentConfig), ("data", config.DataConfig),
             ("losses", config.LossesConfig), ("losses.terms[i]", config.LossTermConfig),
-            ("optim", config.OptimConfig), ("train", config.TrainConfig), ("deepspeed", config.DeepSpeedSection)]  # fmt: skip
+            ("optim", config.OptimConfig), ("train", config.TrainConfig), ("deepspeed", config.DeepSpeedSection),
+            ("task", config.TaskSection), ("task.finetune", config.TeacherFinetune)]  # fmt: skip
 
 
 def comments(cls) -> dict[str, str]:
-    """Each field's comment in the class body: the lines above it and the one beside it."""
+    """Each field's comment in the class body (and its dataclass bases'): the lines above it and the one beside it."""
     out, above = {}, []
-    for line in inspect.getsource(cls).splitlines()[1:]:
+    bases = [c for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)]
+    for line in (line for c in bases for line in inspect.getsource(c).splitlines()[1:]):
         stripped = line.strip()
         if stripped.startswith("#"):
             above.append(stripped.lstrip("# "))
@@ -63,7 +65,8 @@ def default(f: dataclasses.Field) -> str:
 def page() -> str:
     lines = ["# Configuration reference", "",
              "Every key a recipe (`configs/*.yaml`) can set, by section, with its type and default. Any key is also a "
-             "command-line flag: `--train.max_steps 50`. Written from `engine/config.py` by `python docs/reference.py`; "
+             "command-line flag: `--train.max_steps 50`. The `task` section makes a recipe a task-specific distillation "
+             "([task.md](task.md)). Written from `engine/config.py` by `python docs/reference.py`; "
              "`tests/test_docs.py` fails when the two differ. The loss kinds and what each reads are in "
              "[recipes.md](recipes.md); evaluation suites have their own schema (`engine/evaluate/suite.py`, "
              "[evaluation.md](evaluation.md)).", ""]  # fmt: skip

@@ -70,7 +70,7 @@ class StudentConfig:
     teacher_layers: list[int] = field(default_factory=list)  # 0-indexed teacher layers copied (teacher_layers)
     path: str = ""  # checkpoint to continue from (checkpoint), or a config to start from (config)
     overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields changed for a random init
-    mlm_head: bool = True  # build the student with its masked-LM head
+    mlm_head: bool = True  # build the student with its masked-LM head (a task recipe's student has the task's head)
 
 
 @dataclass
@@ -162,6 +162,62 @@ class TrainConfig:
 
 
 @dataclass
+class TaskEntry:
+    """A downstream task as biodistill-evaluate reads it (a suite's ``tasks`` entry, a task recipe's ``task``)."""
+
+    name: str = ""  # the task's name (a suite's column; a task recipe's record)
+    kind: Literal["ner", "classification", "relation", "qa"] = "ner"  # per-token labels, a label per text, or QA
+    # A folder holding the splits (train / devel or dev / test files, found by name), or a single file
+    # for train with dev and test named below.
+    path: str = ""
+    train: str = ""  # file names inside path, when they are not found by name
+    dev: str = ""  # no dev split: 10% of train, by a fixed seed
+    test: str = ""  # the split the table reports
+    # ner: biobert (token<TAB>label) or conll (token first, label last); classification/relation: mednli,
+    # jsonl, csv, tsv, biobert_re (sentence<TAB>label; test files index<TAB>sentence<TAB>label with a header);
+    # qa: squad (BioASQ factoid in SQuAD format); auto: from the kind and file names.
+    format: Literal["auto", "biobert", "conll", "mednli", "jsonl", "csv", "tsv", "biobert_re", "squad"] = "auto"
+    text_field: str = "text"  # jsonl / csv: the field holding the text
+    text_pair_field: str = ""  # pair classification and NLI
+    label_field: str = "label"  # jsonl / csv: the field holding the label
+    negative_label: str = ""  # relation: the no-relation class ("0", "false"); scores exclude it
+    gold: str = ""  # qa: BioASQ's golden JSON for the test questions
+    metric: str = ""  # the score the grid selects by; default per kind: ner f1, classification accuracy, ...
+    subword_labels: Literal["first", "all"] = "first"  # ner: label the first piece (others -100) or every piece
+    # Integer-coded labels (a Hugging Face dataset's to_json writes a ClassLabel column as its ids): the name
+    # of each id, in order, e.g. [O, B-Disease, I-Disease] for ncbi_disease's ner_tags.
+    label_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TeacherFinetune:
+    """How a base teacher is fine-tuned on the task first (one cell of biodistill-evaluate's protocol)."""
+
+    lr: float = 5e-5  # the authors' grid starts here
+    epochs: float = 3.0  # passes over the task's train split
+    batch_size: int = 16  # examples a step
+    seed: int = 1  # the new head's init and the data order
+    weight_decay: float = 0.01  # AdamW's, as the evaluation protocol
+    cache_dir: str = "~/.cache/biodistill/teachers"  # fine-tuned teachers, one folder per content key
+
+
+@dataclass
+class TaskSection(TaskEntry):
+    """Task-specific distillation: set ``path`` and the loss terms read a task head (task_kl, task_ce). The task's
+    files are read by biodistill-evaluate's readers; data.train_files, when given, are unlabeled in-domain text the
+    teacher labels (split into sentences); data.max_length cuts the examples."""
+
+    # auto: the teacher's task logits are computed once and stored when every term reads nothing else of it (the
+    # teacher is then never loaded again); live: the teacher runs every step; or a directory of stored outputs
+    teacher_outputs: str = "auto"
+    outputs_dir: str = "~/.cache/biodistill/teacher-outputs"  # stored outputs, one folder per content key
+    max_unlabeled: int = 0  # sentences taken from data.train_files (0: all)
+    finetune: TeacherFinetune = field(
+        default_factory=TeacherFinetune
+    )  # how a teacher without the task's head is fine-tuned
+
+
+@dataclass
 class DeepSpeedSection:
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (without deepspeed.config)
     config: str = ""  # a user's DeepSpeed JSON; when set it is passed to DeepSpeed as it is
@@ -179,8 +235,14 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    task: TaskSection = field(default_factory=TaskSection)  # task-specific distillation (task.path set)
     source: str = field(default="<defaults>", metadata={"internal": True})  # the file it came from
     flags: dict = field(default_factory=dict, metadata={"internal": True})  # dotted key -> the flag that set it
+
+    @property
+    def is_task(self) -> bool:
+        """A task-specific distillation: both models carry the task's head."""
+        return bool(self.task.path)
 
     def where(self, key: str) -> str:
         """Where ``key``'s value came from: the flag that set it (``command line --optim.lr``), else the file."""
@@ -463,6 +525,8 @@ def validate(r: Recipe, sources: dict[str, str] | None = None, check_paths: bool
     _check_data(r, check, sources or {}, check_paths)
     _check_train(r, check)
     _check_optim(r, check)
+    if r.is_task:
+        _check_task(r, check)
     check(
         r.deepspeed.zero_stage in (0, 1, 2, 3),
         "deepspeed.zero_stage",
@@ -524,9 +588,33 @@ def _check_student(r: Recipe, check: Callable[[bool, str, str], None]) -> None:
     )
 
 
+def _check_task(r: Recipe, check: Callable[[bool, str, str], None]) -> None:
+    t = r.task
+    check(t.kind in ("ner", "classification", "relation"), "task.kind",
+          f"task distillation trains ner, classification or relation heads, got {t.kind!r}")  # fmt: skip
+    check(t.teacher_outputs in ("auto", "live") or bool(t.teacher_outputs.strip()), "task.teacher_outputs",
+          "'auto', 'live' or a directory of stored outputs")  # fmt: skip
+    check(t.max_unlabeled >= 0, "task.max_unlabeled", f"must be >= 0 (0: every sentence), got {t.max_unlabeled}")
+    unlabeled = bool(r.data.train_files or r.data.dataset)
+    check(not (unlabeled and t.text_pair_field), "data.train_files",
+          f"unlabeled text makes single-text examples; task {t.kind!r} reads pairs (task.text_pair_field)")  # fmt: skip
+    check(not r.data.streaming, "data.streaming", "a task's examples are read whole, each epoch in a seeded order")
+    check(not r.teacher.vocab_map, "teacher.vocab_map",
+          "a task's outputs are read token by token: the student must use the teacher's tokenizer")  # fmt: skip
+    f = t.finetune
+    check(f.lr > 0, "task.finetune.lr", f"must be > 0, got {f.lr}")
+    check(f.epochs > 0, "task.finetune.epochs", f"must be > 0, got {f.epochs}")
+    check(f.batch_size > 0, "task.finetune.batch_size", f"must be > 0, got {f.batch_size}")
+
+
 def _check_data(r: Recipe, check: Callable[[bool, str, str], None], sources: dict, check_paths: bool) -> None:
     d = r.data
-    check(bool(d.train_files) != bool(d.dataset), "data.train_files", "give either data.train_files or data.dataset")
+    if r.is_task:  # the task's own examples; text files are optional (unlabeled sentences)
+        check(not (d.train_files and d.dataset), "data.train_files", "give data.train_files or data.dataset, not both")
+    else:
+        check(
+            bool(d.train_files) != bool(d.dataset), "data.train_files", "give either data.train_files or data.dataset"
+        )
     if check_paths:
         data_files(d, _where("data.train_files", r.source, sources))
     check(8 <= d.max_length <= 8192, "data.max_length", f"must be between 8 and 8192, got {d.max_length}")

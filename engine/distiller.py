@@ -57,12 +57,15 @@ class Distiller(nn.Module):
     def teacher_outputs(self, batch: dict, extra: Needs = NOTHING, step: Optional[int] = None) -> Outputs:
         """The teacher's outputs in its own dtype (fp16/bf16 on a GPU): each loss term upcasts what it reads
         and accumulates in fp32, instead of an fp32 copy of every hidden state and attention map here."""
+        if "teacher_logits" in batch:  # a task recipe's stored outputs: the teacher does not run
+            return Outputs(task_logits=batch["teacher_logits"])
         if self.teacher is None:
             return Outputs()
         ids = batch["input_ids"] if self.vocab_map is None else self.vocab_map.inputs(batch["input_ids"])
         with torch.no_grad():
             needs, padded = self.teacher_needs | extra, batch.get("padded", True)
-            out = encode(self.teacher, ids, batch["attention_mask"], needs, batch["rows"], padded)
+            out = encode(self.teacher, ids, batch["attention_mask"], needs, batch["rows"], padded,
+                         batch.get("token_type_ids"))  # fmt: skip
         if out.logits is not None and self.vocab_map is not None:
             out.logits = self.vocab_map.logits(out.logits)
         if out.logits is not None and step is not None:  # training steps only: a failpoint names the step
@@ -75,7 +78,7 @@ class Distiller(nn.Module):
         teacher = self.teacher_outputs(batch, extra, step)
         student = encode(
             self.student, batch["input_ids"], batch["attention_mask"], self.student_needs | extra, batch["rows"],
-            batch.get("padded", True),
+            batch.get("padded", True), batch.get("token_type_ids"),
         )  # fmt: skip
         loss, values = self.combine(student, teacher, batch)
         return loss, values, _nonfinite(teacher, batch["input_ids"].device), student, teacher
@@ -94,7 +97,7 @@ class Distiller(nn.Module):
         batch i and returns True to stop there (a preemption: every rank stops at the same batch, before the
         reduction), and then the result is None."""
         names = ["loss/total", *(f"loss/{n}" for n in self.term_names)]
-        names += ["agreement/hidden_cosine", "agreement/top1", "student/mlm_loss"]
+        names += ["agreement/hidden_cosine", "agreement/top1", "student/mlm_loss", "student/task_accuracy"]
         same_width = self.teacher is not None and hidden_size(self.teacher.config) == hidden_size(self.student.config)
         sums, counts = torch.zeros(len(names)), torch.zeros(len(names))
         for i, batch in enumerate(batches):
@@ -113,11 +116,12 @@ class Distiller(nn.Module):
 
 
 def agreement(batch: dict, student: Outputs, teacher: Outputs, same_width: bool) -> torch.Tensor:
-    """[hidden cosine, top-1 agreement, student MLM loss] on one batch; NaN where one does not apply:
-    the cosine of the last hidden states over non-pad tokens (same widths only), how often the argmax
-    tokens agree at the logit rows, and the student's own cross-entropy at the masked rows."""
+    """[hidden cosine, top-1 agreement, student MLM loss, student task accuracy] on one batch; NaN where one does
+    not apply: the cosine of the last hidden states over non-pad tokens (same widths only), how often the argmax
+    tokens (a task's argmax labels, per token or example) agree, the student's own cross-entropy at the masked
+    rows, and how often its task labels are the gold ones (where there are gold labels)."""
     nan = float("nan")
-    cosine = top1 = mlm = nan
+    cosine = top1 = mlm = accuracy = nan
     if teacher.hidden_states is not None and same_width:
         mask = batch["attention_mask"].bool()
         cosine = (
@@ -131,7 +135,17 @@ def agreement(batch: dict, student: Outputs, teacher: Outputs, same_width: bool)
         top1 = (student.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean().item()
     if student.logits is not None and (batch["row_labels"] != -100).any():
         mlm = F.cross_entropy(student.logits.float(), batch["row_labels"], ignore_index=-100).item()
-    return torch.tensor([cosine, top1, mlm])
+    if student.task_logits is not None:
+        predicted = student.task_logits.argmax(-1)
+        counted = (
+            batch["attention_mask"].bool() if predicted.ndim == 2 else torch.ones_like(predicted, dtype=torch.bool)
+        )
+        if teacher.task_logits is not None:
+            top1 = (predicted == teacher.task_logits.argmax(-1))[counted].float().mean().item()
+        gold = batch["labels"] != -100
+        if gold.any():
+            accuracy = (predicted == batch["labels"])[gold].float().mean().item()
+    return torch.tensor([cosine, top1, mlm, accuracy])
 
 
 def _nonfinite(outputs: Outputs, device=None) -> torch.Tensor:
@@ -142,7 +156,7 @@ def _nonfinite(outputs: Outputs, device=None) -> torch.Tensor:
     it (each position's row is carried forward by the residual stream, and into every position that
     attends to it; LayerNorm turns an inf into NaN, it never makes it finite), so the earlier layers add
     nothing but a full pass over every hidden state and T x T map."""
-    groups = (outputs.hidden_states, outputs.attentions, outputs.scores, outputs.logits)
+    groups = (outputs.hidden_states, outputs.attentions, outputs.scores, outputs.logits, outputs.task_logits)
     tensors = [x[-1] if isinstance(x, tuple) else x for x in groups if x is not None]
     if outputs.captured:  # the deepest captured layer's queries (a relation-only recipe reads nothing else)
         tensors.append(outputs.captured[max(outputs.captured)].query)

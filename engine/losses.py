@@ -82,6 +82,7 @@ class LossTerm(nn.Module):
     teacher_needs = Needs()
     uses_teacher = True
     uses_mlm_head = False
+    uses_task = False  # reads the task head: only in a task recipe (task.path)
 
     def __init__(self, ctx: TermContext):
         super().__init__()
@@ -158,6 +159,39 @@ class SoftCE(LogitKL):
         target = F.softmax(teacher.logits.float() / t, dim=-1)
         per_row = -(target * F.log_softmax(student.logits.float() / t, dim=-1)).sum(-1)
         return t * t * per_row.sum() / max(per_row.shape[0], 1)
+
+
+class TaskKL(LossTerm):
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) of the task heads' logits: per token over the non-pad tokens (ner),
+    per example otherwise; batchmean over those rows. The teacher's logits are live or stored."""
+
+    student_needs = Needs(task_logits=True)
+    teacher_needs = Needs(task_logits=True)
+    uses_task = True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.temperature = ctx.cfg.temperature or ctx.losses.temperature
+
+    def forward(self, student, teacher, batch):
+        s, t = student.task_logits, teacher.task_logits
+        mask = batch["attention_mask"].bool() if s.ndim == 3 else None
+        return temperature_kl(s, t, self.temperature, reduction="batchmean", mask=mask)
+
+
+class TaskCE(LossTerm):
+    """Cross-entropy of the student's task head on the gold labels, where there are any (an unlabeled sentence's
+    labels are all -100); a batch without one gives 0."""
+
+    student_needs = Needs(task_logits=True)
+    uses_teacher = False
+    uses_task = True
+
+    def forward(self, student, teacher, batch):
+        labels = batch["labels"]
+        logits = student.task_logits.float().flatten(0, -2)
+        total = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
+        return total / (labels != -100).sum().clamp(min=1)
 
 
 class _HiddenTerm(LossTerm):
@@ -425,6 +459,8 @@ LOSSES: dict[str, type[LossTerm]] = {
     "attention_mse": AttentionMSE,
     "attention_score_mse": AttentionScoreMSE,
     "relation_kl": RelationKL,
+    "task_kl": TaskKL,
+    "task_ce": TaskCE,
 }
 
 
@@ -487,6 +523,14 @@ def validate_terms(recipe) -> None:
             f"{recipe.teacher.placement!r} places a teacher that no loss term uses; drop it or add a distillation term",
         )
     head = sorted({t.kind for t in recipe.losses.terms if LOSSES[t.kind].uses_mlm_head})
+    task = sorted({t.kind for t in recipe.losses.terms if LOSSES[t.kind].uses_task})
+    if recipe.is_task and head:
+        raise recipe.error("losses.terms", f"{', '.join(head)} read(s) the MLM head; a task recipe's models carry the "
+                           "task's head instead: use task_kl / task_ce")  # fmt: skip
+    if recipe.is_task and not task:
+        raise recipe.error("losses.terms", "a task recipe (task.path) trains the task head: add task_kl or task_ce")
+    if task and not recipe.is_task:
+        raise recipe.error("task.path", f"the {', '.join(task)} term(s) read a task head: name the task's data")
     if head and not recipe.student.mlm_head:
         raise recipe.error("student.mlm_head", f"the {', '.join(head)} term(s) need the MLM head")
 

@@ -16,13 +16,16 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from .config import Recipe, data_files, resolve_precision
 from .losses import LossTerm, attention_notes, build_terms, validate_terms
 from .models.outputs import Needs, hidden_size
+
+if TYPE_CHECKING:
+    from .task.plan import TaskPlan
 
 
 @dataclass
@@ -41,11 +44,21 @@ class Plan:
     resume_point: Optional[tuple[str, dict]] = None  # (tag, job) of the checkpoint it continues
     attention: list[str] = field(default_factory=list)  # one line per attention term: path, why, memory
     notes: list[str] = field(default_factory=list)  # what the DeepSpeed JSON changed over the recipe
+    task: Optional[TaskPlan] = None  # a task recipe's examples, teacher and stored outputs
 
     @property
     def teacher_used(self) -> bool:
         """Whether a loss term reads the teacher (else it only seeds a student made of its layers)."""
         return any(t.uses_teacher for t in self.terms)
+
+    @property
+    def live_teacher(self) -> bool:
+        """Whether the teacher runs in the training step (stored task outputs replace it)."""
+        return self.teacher_used and (self.task is None or self.task.stored is None)
+
+    @property
+    def teacher_path(self) -> str:
+        return self.task.teacher_path if self.task is not None else self.recipe.teacher.path
 
     @property
     def weights(self) -> list[float]:
@@ -91,6 +104,7 @@ class Plan:
                 "max_length": r.data.max_length,
             },  # fmt: skip
             "resume": self.resume_point[0] if self.resume_point else None,
+            "task": self.task.summary() if self.task is not None else None,
         }
 
 
@@ -118,6 +132,7 @@ def make_plan(recipe: Recipe, resume: Optional[str]) -> Plan:
     from .runtime import preflight
     from .runtime.distributed import check_deepspeed_json, check_precision, deepspeed_config, launch_world
     from .runtime.seeds import seed_everything
+    from .task import plan as task_plan
 
     r = recipe
     validate_terms(r)  # each term's kind and options, by its own class
@@ -125,8 +140,11 @@ def make_plan(recipe: Recipe, resume: Optional[str]) -> Plan:
     if r.data.train_files:
         for key, path in data_files(r.data, r.source):
             corpora.require_known_format(r.where("data.train_files"), key, path)
+    task = task_plan.read(r) if r.is_task else None  # every split read and checked, the labels from train
     teacher = teacher_config(r)
     student = student_config(r, teacher)  # student.teacher_layers against the teacher
+    if task is not None:
+        task_plan.check_heads(r, task, teacher, student)  # trained heads have the task's labels; the student gets them
     check_positions(r, teacher, student)  # data.max_length against both models' position embeddings
     params = parameter_count(r, student)  # built on the meta device: a config its family refuses is named now
     check_precision(r)  # fp16 only where there is a GPU
@@ -138,6 +156,9 @@ def make_plan(recipe: Recipe, resume: Optional[str]) -> Plan:
     terms = build_terms(r.losses, student, seen_by_terms(r, teacher, student), r.source)  # every layer map
     tokenise.check_tokenizers(r, teacher, student)
     preflight.room_for_a_checkpoint(r, params)
+    tasked = None
+    if task is not None:  # last: a teacher without the task's head is fine-tuned here (cached by content)
+        tasked = task_plan.resolve(r, task, teacher, terms, tokenise.recipe_tokenizer(r))
     element_bytes = 4 if r.train.precision == "fp32" else 2
     attention = attention_notes(r, terms, student, teacher or student, element_bytes, memory)
     student_needs = teacher_needs = Needs()
@@ -151,5 +172,5 @@ def make_plan(recipe: Recipe, resume: Optional[str]) -> Plan:
         student_needs=student_needs, teacher_needs=teacher_needs,
         ds_config=deepspeed_config(r, world, hidden_size(student)), parameters=params, resume=resume,
         resume_point=resume_point,
-        attention=attention, notes=notes,
+        attention=attention, notes=notes, task=tasked,
     )  # fmt: skip

@@ -36,6 +36,8 @@ from .runtime.health import Health
 from .runtime.resume import Position, find_checkpoint, load_checkpoint, tag_to_load
 from .runtime.seeds import seed_everything
 from .runtime.skips import SkipGuard
+from .task.examples import TaskCollator, TaskView
+from .task.stored import all_ready, store_task_outputs
 
 log = logging.getLogger("biodistill")
 
@@ -95,17 +97,22 @@ class Trainer:
 
     def _build_models(self) -> None:
         r, p = self.recipe, self.plan
-        # What the models are loaded with follows from the terms' needs, decided in the plan.
+        # What the models are loaded with follows from the terms' needs, decided in the plan. The teacher's weights
+        # are read when it runs in the step, seeds a student of its layers, or has task outputs still to store.
+        to_store = p.task is not None and p.task.stored is not None and not all_ready(p, self.dist.device)
         self.teacher = (
-            load_teacher(r, p.teacher_needs, self.dist.device)
-            if p.teacher_used or r.student.init == "teacher_layers"
+            load_teacher(r, p.teacher_needs, self.dist.device, p.teacher_path)
+            if p.live_teacher or r.student.init == "teacher_layers" or to_store
             else None
         )
         self.tokenizer = recipe_tokenizer(r)
         self.student = build_student(r, p.student_needs, self.teacher, p.student_config)
+        self.stored = None
+        if p.task is not None and p.task.stored is not None:
+            self.stored = store_task_outputs(p, self.teacher if to_store else None, self.tokenizer, self.dist)
         self.teacher_engine = None
-        if not p.teacher_used:
-            self.teacher = None  # only used to initialise the student
+        if not p.live_teacher:
+            self.teacher = None  # only used to initialise the student, or to store its task outputs
         else:  # after the student copied its layers from the whole teacher
             self.teacher, self.teacher_engine = place_teacher(
                 self.teacher, r.teacher.placement, r.train.micro_batch_size
@@ -158,14 +165,15 @@ class Trainer:
 
     def _build_data(self) -> None:
         r, d = self.recipe, self.dist
-        self.collator = batches.MLMCollator(
-            self.tokenizer, r.data.mlm_probability, r.data.seed, r.losses.logit_rows, r.data.whole_word_masking
-        )
-        self.stream = None
-        self.ledger = None
+        self.stream, self.ledger = None, None
         if r.train.sample_log:
             (self.out / "samples").mkdir(parents=True, exist_ok=True)
             self.ledger = open(self.out / "samples" / f"rank{d.rank}.jsonl", "a", encoding="utf-8")
+        if self.plan.task is not None:
+            return self._build_task_data()
+        self.collator = batches.MLMCollator(
+            self.tokenizer, r.data.mlm_probability, r.data.seed, r.losses.logit_rows, r.data.whole_word_masking
+        )
         if r.data.streaming:
             self.stream = stream.DocumentStream(r.data, self.tokenizer, r.where("data.train_files"), d.rank, d.world)
             self.heldout = stream.heldout_stream_batches(
@@ -185,6 +193,17 @@ class Trainer:
         self.heldout = batches.heldout_batches(
             splits["heldout"], self.collator, self.micro_batch, d.rank, d.world, r.train.eval_batches
         )
+
+    def _build_task_data(self) -> None:
+        """A task recipe's examples: train (labelled, then unlabeled) sampled as corpus sequences are, dev held out."""
+        r, d, task = self.recipe, self.dist, self.plan.task
+        self.collator = TaskCollator(self.tokenizer, task.per_token, self.stored)
+        self.train_split = TaskView(task.examples.train)
+        heldout = TaskView(task.examples.heldout, offset=len(task.examples.train))
+        self.heldout = batches.heldout_batches(heldout, self.collator, self.micro_batch, d.rank, d.world,
+                                               r.train.eval_batches)  # fmt: skip
+        self.data_info = {"task": task.examples.describe(), "train_examples": len(self.train_split),
+                          "heldout_examples": len(heldout)}  # fmt: skip
 
     def _batches(self):
         if self.stream is not None:
@@ -411,6 +430,7 @@ class Trainer:
             "student": {"init": r.student.init, "teacher_layers": r.student.teacher_layers, "path": r.student.path},
             "losses": r.to_dict()["losses"],
             "data": {"train_files": r.data.train_files, "dataset": r.data.dataset, "max_length": r.data.max_length},
+            "task": self.plan.task.summary() if self.plan.task is not None else None,
             "steps": self.pos.step,
             "global_batch": self.micro_batch * self.grad_accum * self.dist.world,
             "precision": str(self.input_dtype).removeprefix("torch."),

@@ -629,3 +629,21 @@ def test_report_tells_same_size_models_apart_and_shows_throughput_noise(tmp_path
     assert "| 63.3 ± 4% | 53.5 ± 1672% (noisy) |" in noisy and "(noisy): the forwards' times spread by more" in noisy
     report.plot(suite, doc, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_subword_f1_is_the_authors_figure_not_word_level():
+    """ner.py's compute_metrics keeps every position whose label is not -100 and runs seqeval on those sequences:
+    a two-piece entity word counts as B then I pieces, and a half-right word scores as its pieces do."""
+    import numpy as np
+
+    from biodistill.engine.evaluate.finetune import Features, subword_f1
+
+    labels = ["O", "B", "I"]
+    # [CLS] as ##pirin works [SEP]: under "all" both pieces of the entity word carry its label, B
+    rows = [{"labels": [-100, 1, 1, 0, -100]}]
+    logits = np.zeros((1, 5, 3))
+    logits[0, 1, 1] = logits[0, 2, 2] = logits[0, 3, 0] = 1  # predicted B, I, O: word-level right (first piece B)
+    # ...but over sub-words the gold B B O holds two one-piece entities and B I O one two-piece entity: no match
+    assert subword_f1(labels, Features(rows), logits) == 0.0
+    logits[0, 2] = [0, 1, 0]  # predicted B B O: both sub-word entities right
+    assert subword_f1(labels, Features(rows), logits) == 1.0

@@ -169,6 +169,12 @@ class ShardedBatchSampler:
             step += 1
 
 
+def _view(split):
+    """The sampler's view of a split: a tokenised corpus split masked per (epoch, index), or a view that already
+    takes (epoch, index) (a task's examples, ``task/examples.TaskView``)."""
+    return MaskedBatches(split) if isinstance(split, datasets.Dataset) else split
+
+
 def heldout_batches(
     split: datasets.Dataset, collator: MLMCollator, micro_batch: int, rank: int, world: int, max_batches: int
 ) -> list[dict]:
@@ -183,7 +189,7 @@ def heldout_batches(
     micro_batch = min(micro_batch, len(split) // world)
     n = min(max_batches, len(split) // (micro_batch * world))
     sampler = ShardedBatchSampler(len(split), micro_batch, rank, world, seed=0, shuffle=False)
-    data = MaskedBatches(split)
+    data = _view(split)
     return [collator([data[k] for k in sampler.batch(b)]) for b in range(n)]
 
 
@@ -191,7 +197,7 @@ def train_loader(split: datasets.Dataset, collator: MLMCollator, sampler: Sharde
     # Its own generator: a DataLoader iterator otherwise draws a seed from the global torch RNG, which
     # would shift the dropout stream of a resumed run by one draw against the uninterrupted one.
     return DataLoader(
-        MaskedBatches(split),
+        _view(split),
         batch_sampler=sampler,
         collate_fn=collator,
         num_workers=0,

@@ -101,9 +101,10 @@ def check_weights(path: str, key: str) -> None:
                           "save the model with save_pretrained")  # fmt: skip
 
 
-def model_config(path: str, key: str, task: TaskData):
+def model_config(path: str, key: str, task: TaskData, as_is: bool = False):
     """The model's config set up for ``task``'s head. A checkpoint that already has a head of this kind must
-    have as many labels as the task: its head would otherwise be silently re-initialised."""
+    have as many labels as the task: its head would otherwise be silently re-initialised. ``as_is``: the model is
+    scored without fine-tuning, so it must have that head, trained (a fresh one would score noise)."""
     try:
         config = minialbert.resolve_config(AutoConfig.from_pretrained(hub.location(path)))
     except (OSError, ValueError) as e:
@@ -112,6 +113,9 @@ def model_config(path: str, key: str, task: TaskData):
     if kind != "qa":
         head = "TokenClassification" if kind == "ner" else "SequenceClassification"
         trained = any(a.endswith(f"For{head}") for a in config.architectures or [])
+        if as_is and not trained:
+            raise ConfigError(path, key, f"has no trained {head} head ({', '.join(config.architectures or ['none'])}) "
+                              f"to score on task '{task.entry.name}' as it is (finetune: false)")  # fmt: skip
         if trained and config.num_labels != len(task.labels):
             raise ConfigError(
                 path, key, f"its {head} head has {config.num_labels} labels ({', '.join(map(str, config.id2label.values()))}), "
@@ -278,10 +282,12 @@ def _minutes(seconds: float) -> str:
 
 
 def run_cell(cell: Cell, model_path: str, model_key: str, adapters_only: bool, task: TaskData,
-             protocol: Protocol, out: Path, log, deploy: Deploy | None = None) -> tuple[dict, torch.nn.Module]:  # fmt: skip
+             protocol: Protocol, out: Path, log, deploy: Deploy | None = None,
+             train: bool = True) -> tuple[dict, torch.nn.Module]:  # fmt: skip
     """Train, predict, score; writes predictions into ``out``; returns the cell's metrics and the fine-tuned
     model (which the grid does not keep: a cell's record is its scores and predictions). With ``deploy``
-    enabled, the model is exported to ONNX Runtime and the test split scored again in fp32 and int8."""
+    enabled, the model is exported to ONNX Runtime and the test split scored again in fp32 and int8.
+    ``train`` False: the model is a task model already (task-distilled): predicted and scored as it is."""
     started = time.perf_counter()
     tokenizer = load_tokenizer(model_path, model_key)
     torch.manual_seed(cell.seed)  # the new head's init
@@ -314,15 +320,18 @@ def run_cell(cell: Cell, model_path: str, model_key: str, adapters_only: bool, t
     trainer = Trainer(model=model, args=args, train_dataset=splits["train"], data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # its lines go to the cell's log.jsonl instead, as they come
     trainer.add_callback(CellProgress(cell.id, log))
-    train = trainer.train()
+    trained = trainer.train() if train else None
     result = {
-        "cell": cell.id, "train_loss": float(train.training_loss), "train_seconds": train.metrics["train_runtime"],
+        "cell": cell.id, "train_loss": float(trained.training_loss) if trained else None,
+        "train_seconds": trained.metrics["train_runtime"] if trained else 0.0,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "truncated": {name: extra[f"{name}_cut"] for name in task.splits},
     }  # fmt: skip
     for name in ("dev", "test"):
         prediction = trainer.predict(splits[name])
         scores, rows = _score(task, name, prediction, extra.get(name))
+        if kind == "ner" and protocol.subword_f1:
+            scores["subword_f1"] = subword_f1(task.labels, splits[name], prediction.predictions)
         result[name] = scores
         _write_jsonl(out / f"predictions_{name}.jsonl", rows)
         if kind == "qa" and name == "test":
@@ -409,6 +418,19 @@ def _score(task: TaskData, split: str, prediction, extra) -> tuple[dict, list[di
     if kind == "relation":
         return metrics.relation_scores(gold, predicted, task.labels, task.negative), out
     return metrics.classification_scores(gold, predicted), out
+
+
+def subword_f1(labels: list[str], features: Features, logits: np.ndarray) -> float:
+    """Entity F1 as the compact models' ner.py computes it: seqeval over each sentence's sub-word sequence, every
+    position whose label is not -100 (with ``subword_labels: all``, every piece of every word). Not word-level F1: a
+    word of k pieces counts k times, and an entity split across pieces is scored piece by piece."""
+    gold, predicted = [], []
+    best = logits.argmax(-1)
+    for n, row in enumerate(features.rows):
+        kept = [p for p, label in enumerate(row["labels"]) if label != -100]
+        gold.append([labels[row["labels"][p]] for p in kept])
+        predicted.append([labels[best[n][p]] for p in kept])
+    return metrics.ner_scores(gold, predicted)["f1"]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

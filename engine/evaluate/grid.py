@@ -12,10 +12,13 @@ is reported as mean +- standard deviation over the seeds at that setting.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,8 +52,26 @@ def finished(suite: Suite, cell: Cell) -> bool:
 
 
 def model_paths(suite: Suite) -> dict[str, str]:
-    """Each model's directory or hub name; a ``recipe`` entry's initial student is built here, once."""
+    """Each model's directory or hub name; a ``recipe`` entry's initial student is built here, once. A
+    ``task_recipe`` entry's student is distilled in each of its cells; its path here is its encoder before any
+    task distillation (the same architecture: what the checks, the parameter count and the throughput read)."""
     return {m.name: m.path or str(initial_student(suite, m)) for m in suite.models}
+
+
+def task_recipe_flags(suite: Suite, entry: ModelEntry) -> list[str]:
+    """The flags a ``task_recipe`` entry's distillations run under: its teacher's and its student's paths."""
+    paths = {m.name: m.path for m in suite.models}
+    flags = ["--teacher.path", paths[entry.teacher]]
+    if entry.student:
+        flags += [
+            "--student.init",
+            "checkpoint",
+            "--student.path",
+            paths[entry.student],
+            "--student.teacher_layers",
+            "[]",
+        ]
+    return flags
 
 
 def initial_student(suite: Suite, entry: ModelEntry) -> Path:
@@ -58,7 +79,15 @@ def initial_student(suite: Suite, entry: ModelEntry) -> Path:
     layers, or its seeded random init), saved with the recipe's tokenizer. Written atomically, and again only
     when the recipe has changed (a changed student then meets ``same_models``)."""
     final = Path(suite.output_dir) / "models" / entry.name
-    recipe = load_recipe(entry.recipe, check_paths=False)
+    if entry.task_recipe:  # its encoder alone: each cell's distillation gives it the task's head
+        from ..config import TaskSection
+
+        recipe = load_recipe(entry.task_recipe, task_recipe_flags(suite, entry), check_paths=False)
+        recipe = dataclasses.replace(
+            recipe, task=TaskSection(), student=dataclasses.replace(recipe.student, mlm_head=False)
+        )
+    else:
+        recipe = load_recipe(entry.recipe, check_paths=False)
     built_from = json.dumps({k: v for k, v in asdict(recipe).items() if k != "source"}, sort_keys=True, default=str)
     record = final / "biodistill_recipe.json"
     if (final / "config.json").is_file() and record.is_file() and record.read_text() == built_from:
@@ -100,7 +129,7 @@ def check_models(suite: Suite, paths: dict[str, str], tasks: dict[str, TaskData]
         check_weights(path, key)
         load_tokenizer(path, key)
         for task in tasks.values():
-            model_config(paths[m.name], key, task)
+            model_config(paths[m.name], key, task, as_is=not m.finetune)
 
 
 # Protocol fields that change what a cell computes; lrs, batch sizes and seeds only add or drop cells.
@@ -196,23 +225,65 @@ def run_grid(suite: Suite, overrides: list[str], worker: int = 0, workers: int =
     for number, cell in enumerate(todo, 1):
         index, entry = entries[cell.model]
         print(f"[eval] cell {number}/{len(todo)}: {cell.id}", flush=True)
-        _run_one(suite, cell, paths[cell.model], f"models[{index}]", entry.adapters_only, tasks[cell.task])
+        _run_one(suite, cell, paths[cell.model], f"models[{index}]", entry, tasks[cell.task])
     return paths, prints
 
 
-def _run_one(suite: Suite, cell: Cell, path: str, key: str, adapters_only: bool, task: TaskData) -> None:
+def _run_one(suite: Suite, cell: Cell, path: str, key: str, entry: ModelEntry, task: TaskData) -> None:
     out = cell_dir(suite, cell)
     shutil.rmtree(out, ignore_errors=True)  # a cell killed half-way starts again
     out.mkdir(parents=True)
+    distilled = None
+    if entry.task_recipe:
+        path = distilled = task_distil(suite, cell, entry, task, out / "distil")
+        key = f"{key}.task_recipe"
     with open(out / "log.jsonl", "w", encoding="utf-8") as log:
 
         def write(line: str) -> None:
             log.write(line + "\n")
             log.flush()
 
-        result, _ = run_cell(cell, path, key, adapters_only, task, suite.protocol, out, write, suite.deploy)
+        result, _ = run_cell(cell, path, key, entry.adapters_only, task, suite.protocol, out, write, suite.deploy,
+                             train=entry.finetune and distilled is None)  # fmt: skip
+    if distilled is not None:
+        job = json.loads((out / "distil" / "summary.json").read_text())
+        result["distillation"] = {"steps": job["steps"], "task": job["plan"]["task"], "after": job["after"]}
+        shutil.rmtree(out / "distil", ignore_errors=True)  # the cell keeps its scores, not its model
     shutil.rmtree(out / "trainer", ignore_errors=True)  # the Trainer's scratch directory: nothing kept there
     _write_json(out / "metrics.json", result)  # the cell is finished from this instant
+
+
+def task_distil(suite: Suite, cell: Cell, entry: ModelEntry, task: TaskData, out: Path) -> str:
+    """The cell's student: ``entry.task_recipe`` run on this task, one rank in a process of its own, under the
+    protocol's lr, batch size and seed, for as many steps as the protocol's epochs over the task's labelled train
+    examples. Returns the exported student's directory."""
+    from ..config import TaskEntry
+
+    steps = max(1, math.ceil(suite.protocol.epochs * len(task.splits["train"]) / cell.batch_size))
+    flags = [*task_recipe_flags(suite, entry), "--train.seed", str(cell.seed), "--optim.lr", repr(cell.lr),
+             "--train.micro_batch_size", str(cell.batch_size), "--train.grad_accum", "1", "--train.global_batch_size",
+             "0", "--train.max_steps", str(steps), "--train.save_every", "0", "--train.eval_every", "0",
+             "--train.output_dir", str(out), "--data.max_length", str(suite.protocol.max_length)]  # fmt: skip
+    defaults = TaskEntry()
+    for f in dataclasses.fields(TaskEntry):
+        value = getattr(task.entry, f.name)
+        if value != getattr(defaults, f.name) or f.name in ("kind", "path"):
+            flags += [f"--task.{f.name}", json.dumps(value)]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    print(f"[eval]   {cell.id}: task-distilling {entry.task_recipe} for {steps} steps", flush=True)
+    done = subprocess.run([sys.executable, "-m", "biodistill.engine", "--config", entry.task_recipe, *flags], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cell.id}: the task distillation ({entry.task_recipe}) failed with exit code "
+                           f"{done.returncode}; its output is above")  # fmt: skip
+    return str(out / "student")
+
+
+def free_port() -> int:
+    """A port no process listens on now, for a one-rank job's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _workers(suite: Suite) -> int:
@@ -241,13 +312,17 @@ def _spawn(suite: Suite, overrides: list[str], n: int) -> None:
 
 def _deployed(runs: list[dict], metric: str) -> dict:
     """The test score through ONNX Runtime fp32 and int8 over the same seeds, where every run has it (cells
-    finished before deploy was turned on have not)."""
+    finished before deploy was turned on have not); and the authors' sub-word NER F1 (protocol.subword_f1)."""
     out = {}
     for label in ("onnx", "int8"):
         if all(f"test_{label}" in r for r in runs):
             values = [r[f"test_{label}"][metric] for r in runs]
             out[f"{label}_mean"] = statistics.mean(values)
             out[f"{label}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    if all("subword_f1" in r["test"] for r in runs):  # protocol.subword_f1: the authors' ner.py figure
+        values = [r["test"]["subword_f1"] for r in runs]
+        out["subword_mean"] = statistics.mean(values)
+        out["subword_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return out
 
 

@@ -161,7 +161,9 @@ def write_report(suite: Suite, results: dict, cost: dict, expected_cells: int, d
     doc = {"suite": suite.name, "cells": {"finished": done_cells, "planned": expected_cells},
            "protocol": vars(suite.protocol), "models": {}}  # fmt: skip
     for m in suite.models:
-        doc["models"][m.name] = {"path": m.path or f"(initial student of {m.recipe})", "adapters_only": m.adapters_only,
+        path = m.path or (f"(initial student of {m.recipe})" if m.recipe else
+                          f"({m.task_recipe}: task-distilled from {m.teacher} in each cell)")  # fmt: skip
+        doc["models"][m.name] = {"path": path, "adapters_only": m.adapters_only,
                                  **cost[m.name], "tasks": results.get(m.name, {})}  # fmt: skip
     _atomic(root / "results.json", json.dumps(doc, indent=1, default=str))
     table = markdown(suite, doc, expected_cells, done_cells)
@@ -184,6 +186,8 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
             score = f"{100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f}" if r else "-"
             if r and "int8_mean" in r:
                 score += f" (int8 {100 * r['int8_mean']:.1f} ± {100 * r['int8_std']:.1f})"
+            if r and "subword_mean" in r:
+                score += f" (sub-word {100 * r['subword_mean']:.1f} ± {100 * r['subword_std']:.1f})"
             row.append(score)
         row += [_rate(m, "cpu", b, ".1f") for b in bs]
         row += [_rate(m, "gpu", b, ".0f") for b in bs] if gpu else []
@@ -198,6 +202,10 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
         + (" and the GPU named in results.json." if gpu else "."),
         f"Cells finished: {done} of {expected}." + ("" if done == expected else " Rerun the same command to finish."),
     ]
+    if p.subword_f1:
+        lines.append("NER scores are word-level entity F1; \"sub-word\" is seqeval over the sub-word sequences, as the "
+                     "compact models' ner.py computes the figure their paper reports (with subword_labels: all, a "
+                     "word of k pieces counts k times): not comparable with word-level F1.")  # fmt: skip
     cut = {
         t.name: {s: n for s, n in r["truncated"].items() if n}
         for m in doc["models"].values()

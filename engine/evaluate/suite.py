@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import ConfigError, load_typed
+from ..config import ConfigError, TaskEntry, load_typed
 
 KINDS = ("ner", "classification", "relation", "qa")
+__all__ = ["TaskEntry"]  # the task schema lives in config.py: task recipes read tasks as suites do
 # The score each kind is compared by (the grid picks the lr by it on validation; the table reports it).
 DEFAULT_METRIC = {"ner": "f1", "classification": "accuracy", "relation": "f1", "qa": "mrr"}
 METRICS = {
@@ -33,33 +34,13 @@ class ModelEntry:
     # Or: the student a distillation recipe starts from, before any training (its copy of teacher layers,
     # or its random init): "how much did distillation add?"
     recipe: str = ""
+    # Or: a task recipe (configs/task/*.yaml): this row is its student task-distilled on each task, under the
+    # protocol's lr, batch size, epochs and seed (one distillation a cell), then scored as it is
+    task_recipe: str = ""
+    teacher: str = ""  # task_recipe: the entry whose model teaches (fine-tuned on each task first, cached)
+    student: str = ""  # task_recipe: the entry whose model the student starts from (empty: the recipe's student)
     adapters_only: bool = False  # MiniALBERT: train only its bottleneck adapters and the task head
-
-
-@dataclass
-class TaskEntry:
-    name: str = ""
-    kind: Literal["ner", "classification", "relation", "qa"] = "ner"
-    # A folder holding the splits (train / devel or dev / test files, found by name), or a single file
-    # for train with dev and test named below.
-    path: str = ""
-    train: str = ""  # file names inside path, when they are not found by name
-    dev: str = ""  # no dev split: 10% of train, by a fixed seed
-    test: str = ""
-    # ner: biobert (token<TAB>label) or conll (token first, label last); classification/relation: mednli,
-    # jsonl, csv, tsv, biobert_re (sentence<TAB>label; test files index<TAB>sentence<TAB>label with a header);
-    # qa: squad (BioASQ factoid in SQuAD format); auto: from the kind and file names.
-    format: Literal["auto", "biobert", "conll", "mednli", "jsonl", "csv", "tsv", "biobert_re", "squad"] = "auto"
-    text_field: str = "text"
-    text_pair_field: str = ""  # pair classification and NLI
-    label_field: str = "label"
-    negative_label: str = ""  # relation: the no-relation class ("0", "false"); scores exclude it
-    gold: str = ""  # qa: BioASQ's golden JSON for the test questions
-    metric: str = ""  # the score the grid selects by; default per kind: ner f1, classification accuracy, ...
-    subword_labels: Literal["first", "all"] = "first"  # ner: label the first piece (others -100) or every piece
-    # Integer-coded labels (a Hugging Face dataset's to_json writes a ClassLabel column as its ids): the name
-    # of each id, in order, e.g. [O, B-Disease, I-Disease] for ncbi_disease's ner_tags.
-    label_names: list[str] = field(default_factory=list)
+    finetune: bool = True  # false: a task model already (a task-distilled student): scored as it is, one cell a seed
 
 
 @dataclass
@@ -74,6 +55,9 @@ class Protocol:
     max_length: int = 128  # tokens; longer sentences are cut, and counted in the report
     qa_max_length: int = 384  # question + context window, the authors' value; longer contexts overlap by
     qa_stride: int = 128
+    # ner: also score as the compact models' ner.py does (seqeval over the sub-word sequences, every piece carrying its
+    # word's label): the figure their paper reports, a column of its own; word-level entity F1 stays the score
+    subword_f1: bool = False
     # Processes: "auto" is one per visible GPU, and one on a CPU (cells then run one after another).
     workers: int | Literal["auto"] = "auto"
 
@@ -141,8 +125,20 @@ def _validate(s: Suite, sources: dict[str, str]) -> None:
             check(bool(e.name), f"{key}[{i}].name", "every entry needs a name (its row or column in the table)")
             check(names.index(e.name) == i, f"{key}[{i}].name", f"'{e.name}' names two entries")
             check("/" not in e.name and not e.name.startswith("."), f"{key}[{i}].name", "a name is a directory")
+    by_name = {m.name: m for m in s.models}
     for i, m in enumerate(s.models):
-        check(bool(m.path) != bool(m.recipe), f"models[{i}]", "give exactly one of path (a model) or recipe")
+        check(sum(map(bool, (m.path, m.recipe, m.task_recipe))) == 1, f"models[{i}]",
+              "give exactly one of path (a model), recipe or task_recipe")  # fmt: skip
+        if not m.task_recipe:
+            check(not (m.teacher or m.student), f"models[{i}].teacher", "teacher and student go with task_recipe")
+            continue
+        for role in ("teacher", "student"):
+            other = by_name.get(getattr(m, role))
+            check(getattr(m, role) == "" and role == "student" or (other is not None and bool(other.path)),
+                  f"models[{i}].{role}", f"the name of another entry with a path, got {getattr(m, role)!r}")  # fmt: skip
+        qa = [t.name for t in s.tasks if t.kind == "qa"]
+        check(not qa, f"models[{i}].task_recipe", f"task distillation trains ner, classification or relation heads; "
+              f"drop the qa task(s) {', '.join(qa)} or this entry")  # fmt: skip
     for i, t in enumerate(s.tasks):
         check(bool(t.path), f"tasks[{i}].path", "the folder or file holding the task's data")
         metric = s.metric(t)

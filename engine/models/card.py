@@ -64,6 +64,15 @@ def _hub_name(path: str) -> Optional[str]:
     return path if len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~", "pkg:")) else None
 
 
+def _task_lines(task: dict) -> list[str]:
+    return [
+        "## Task", "",
+        f"A {task['kind']} model over the labels {', '.join(f'`{x}`' for x in task['labels'])}, task-distilled "
+        f"(TinyBERT's second stage) from the fine-tuned teacher `{task['teacher']}`; the teacher's outputs were "
+        f"{task['teacher_outputs'].split(' (')[0].split(':')[0]}.", "",
+    ]  # fmt: skip
+
+
 def model_card(record: dict, config, parameters: int, mlm_head: bool, heldout: Optional[dict] = None) -> str:
     """The README.md of an exported student. ``record`` is its distillation.json (what the trainer knows of the
     job), ``config`` the student's config, ``heldout`` the held-out figures before and after distillation."""
@@ -71,9 +80,16 @@ def model_card(record: dict, config, parameters: int, mlm_head: bool, heldout: O
     losses, data = record.get("losses", {}), record.get("data", {})
     method = reproduced(record.get("recipe", ""))
     domain = "clinical" if "clinical" in record.get("recipe", "").lower() else "biomedical"
+    task = record.get("task")  # a task-distilled student: its head is the task's
+    pipeline = "fill-mask" if mlm_head else "feature-extraction"
+    head = "AutoModelForMaskedLM" if mlm_head else "AutoModel"
+    if task:
+        per_token = task["kind"] == "ner"
+        pipeline = "token-classification" if per_token else "text-classification"
+        head = "AutoModelForTokenClassification" if per_token else "AutoModelForSequenceClassification"
     meta = {
         "library_name": "transformers",
-        "pipeline_tag": "fill-mask" if mlm_head else "feature-extraction",
+        "pipeline_tag": pipeline,
         "language": ["en"],
         "tags": ["biodistill", "knowledge-distillation", domain, config.model_type],
     }
@@ -98,6 +114,11 @@ def model_card(record: dict, config, parameters: int, mlm_head: bool, heldout: O
             f"| `{t['kind']}` | {t.get('weight', 1.0):g} | {t.get('layer_map', 'last')} | {temperature or '-'} |"
         )
     corpus = ", ".join(f"`{f}`" for f in data.get("train_files") or []) or f"the `{data.get('dataset')}` dataset"
+    if task:
+        corpus = f"the task's examples ({task['examples']})" + (
+            f" with unlabeled sentences of {corpus}" if data.get("train_files") else ""
+        )
+        meta["tags"].append("task-distillation")
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
         f"# {record.get('recipe', 'student')}", "",
@@ -109,7 +130,9 @@ def model_card(record: dict, config, parameters: int, mlm_head: bool, heldout: O
         f"{config.model_type}, {getattr(config, 'num_hidden_layers', '?')} layers, hidden size "
         f"{getattr(config, 'hidden_size', getattr(config, 'dim', '?'))}, "
         f"{getattr(config, 'num_attention_heads', getattr(config, 'n_heads', '?'))} attention heads, vocabulary "
-        f"{config.vocab_size:,}: {parameters:,} parameters" + (" (with its masked-LM head)." if mlm_head else "."), "",
+        f"{config.vocab_size:,}: {parameters:,} parameters" + (
+            f" (with its {task['kind']} head)." if task else " (with its masked-LM head)." if mlm_head else "."), "",
+        *(_task_lines(task) if task else []),
         "## Distillation", "",
         f"{record.get('steps', 0):,} optimiser steps of {record.get('global_batch', '?')} sequences of "
         f"{data.get('max_length', '?')} tokens on {corpus}, in {record.get('precision', 'fp32')}, under DeepSpeed. "
@@ -118,18 +141,20 @@ def model_card(record: dict, config, parameters: int, mlm_head: bool, heldout: O
         *rows, "",
     ]  # fmt: skip
     if heldout and heldout.get("before") and heldout.get("after"):
-        lines += ["Held-out documents (never trained on), before and after distillation:", "",
+        lines += [("The task's dev split" if task else "Held-out documents") + " (never trained on), before and after "
+                  "distillation:", "",
                   "| metric | before | after |", "|---|---|---|"]  # fmt: skip
         lines += [
             f"| {k} | {v:.4f} | {heldout['after'].get(k, float('nan')):.4f} |" for k, v in heldout["before"].items()
         ]
         lines.append("")
-    head = "AutoModelForMaskedLM" if mlm_head else "AutoModel"
     lines += [
         "## How to use", "", "```python", f"from transformers import AutoTokenizer, {head}", "",
         'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_NAME")',
         f'model = {head}.from_pretrained("PATH_OR_HUB_NAME")', "```", "",
-        "Fine-tune and score it on biomedical tasks with `biodistill-evaluate`, and deploy it with `biodistill-export`.",
+        "Score it with `biodistill-evaluate` (`finetune: false` scores it as it is)" if task else
+        "Fine-tune and score it on biomedical tasks with `biodistill-evaluate`",
+        "and deploy it with `biodistill-export`.",
     ]  # fmt: skip
     if method:
         lines += ["", "## Citation", "", "If you use this model, please cite the paper whose method it reproduces:", "",

@@ -35,6 +35,7 @@ class Needs:
     scores: bool = False  # every layer's pre-softmax attention scores
     queries_keys: frozenset[int] = frozenset()  # attention layers (0-based) whose queries and keys are captured
     values: frozenset[int] = frozenset()  # ... and whose values too
+    task_logits: bool = False  # the task head's logits (a task recipe's models: [B, T, C] ner, [B, C] otherwise)
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(*(getattr(self, f.name) | getattr(other, f.name) for f in fields(self)))
@@ -50,6 +51,7 @@ class Outputs:
     logits: Optional[torch.Tensor] = None  # [rows, V] at the selected rows only
     scores: Optional[tuple[torch.Tensor, ...]] = None  # L x [B, heads, T, T], QK^T/sqrt(d), padded keys 0
     captured: Optional[dict[int, Captured]] = None  # attention layer (0-based) -> its [B, heads, T, d] q, k, v
+    task_logits: Optional[torch.Tensor] = None  # the task head's: [B, T, C] per token (ner), [B, C] per example
 
 
 # model_type -> the MLM head as a callable on [rows, H] hidden states. An explicit table: a model type
@@ -107,22 +109,28 @@ def encode(
     needs: Needs,
     rows: Optional[torch.Tensor] = None,
     padded: bool = True,
+    token_type_ids: Optional[torch.Tensor] = None,
 ) -> Outputs:
-    """Run ``model``'s body and, when ``needs.logits``, its MLM head at the flat token indices ``rows``.
+    """Run ``model``'s body and, when ``needs.logits``, its MLM head at the flat token indices ``rows``; or, when
+    ``needs.task_logits``, the whole task model (body and task head, as the family's own forward applies it).
 
     ``rows`` indexes ``[B*T]`` (flattened batch and time); the logits come back as ``[len(rows), V]``.
     ``padded`` (known on the host, from the collator) says whether any token is padding; see model_mask.
+    ``token_type_ids``: a pair task's segments (None: all zeros, as the models default).
     """
     tap = score_tap(model) if needs.scores else None
     capture = Capture(needs.queries_keys, needs.values) if needs.queries_keys else None
     try:
+        body = model if needs.task_logits else model.base_model
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         with capturing(capture):
-            out = model.base_model(
+            out = body(
                 input_ids=input_ids,
                 attention_mask=model_mask(model, attention_mask, padded),
                 output_hidden_states=needs.hidden_states,
                 output_attentions=needs.attentions,
                 return_dict=True,
+                **segments,
             )
         scores = tap.scores(attention_mask) if tap is not None else None
     finally:
@@ -146,6 +154,7 @@ def encode(
         logits=logits,
         scores=scores,
         captured=capture.layer if capture is not None else None,
+        task_logits=out.logits if needs.task_logits else None,
     )
 
 

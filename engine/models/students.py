@@ -14,7 +14,14 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PretrainedConfig,
+)
 
 from ..config import Recipe
 from ..runtime import hub
@@ -112,9 +119,29 @@ def check_positions(recipe: Recipe, teacher: Optional[PretrainedConfig], student
             )  # fmt: skip
 
 
+def task_class(kind: str):
+    """The Auto class of a task's head: per token (ner) or per example (classification, relation)."""
+    return AutoModelForTokenClassification if kind == "ner" else AutoModelForSequenceClassification
+
+
+def student_class(recipe: Recipe):
+    """The student's Auto class: the task's head in a task recipe, else the MLM head if the recipe keeps one."""
+    if recipe.is_task:
+        return task_class(recipe.task.kind)
+    return AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
+
+
+def with_labels(config: PretrainedConfig, labels: list[str]) -> PretrainedConfig:
+    """``config`` set up for a task head over ``labels`` (in place; returned for chaining)."""
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    return config
+
+
 def new_student(recipe: Recipe, config: PretrainedConfig, needs: Needs) -> torch.nn.Module:
-    """A randomly initialised student of ``config``, with an MLM head if the recipe keeps one."""
-    cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
+    """A randomly initialised student of ``config``, with its task head, or an MLM head if the recipe keeps one."""
+    cls = student_class(recipe)
     implementation = attn_implementation(needs, config)
     kwargs = {"attn_implementation": implementation} if implementation else {}
     return cls.from_config(config, dtype=torch.float32, **kwargs)
@@ -160,8 +187,8 @@ def from_teacher_layers(recipe: Recipe, config: PretrainedConfig, needs: Needs, 
             f"the teacher has no weights for student parameters {missing[:3]}: "
             "'teacher_layers' needs a student of the teacher's architecture",
         )
-    if recipe.student.mlm_head and has_mlm_head(teacher):
-        # A trained head is a far better start than a random one.
+    if recipe.student.mlm_head and has_mlm_head(teacher) and not recipe.is_task:
+        # A trained head is a far better start than a random one. (A task student's head starts fresh.)
         prefix = student.base_model_prefix + "."
         teacher_sd = teacher.state_dict()
         target = {
@@ -184,7 +211,7 @@ def from_teacher_layers(recipe: Recipe, config: PretrainedConfig, needs: Needs, 
 
 
 def from_checkpoint(recipe: Recipe, config: PretrainedConfig, needs: Needs, teacher) -> torch.nn.Module:
-    cls = AutoModelForMaskedLM if recipe.student.mlm_head else AutoModel
+    cls = student_class(recipe)
     # The checkpoint's config with the overrides applied before the modules are built (a dropout
     # override set afterwards would change the config but not the model).
     kwargs = {"dtype": torch.float32, "config": config}

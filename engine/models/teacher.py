@@ -22,6 +22,7 @@ from ..config import Recipe, resolve_precision
 from ..runtime import hub
 from ..runtime.distributed import bf16_supported
 from .outputs import Needs, attn_implementation, mlm_head
+from .students import task_class
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,12 @@ def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return _DTYPES[resolve_precision(recipe, device.type, bf16_supported(device)).teacher.dtype]
 
 
-def load_teacher(recipe: Recipe, needs: Needs, device: torch.device) -> torch.nn.Module:
-    """Load ``teacher.path``; with a masked-LM head only when a loss term needs logits."""
-    location = hub.location(recipe.teacher.path)
+def load_teacher(recipe: Recipe, needs: Needs, device: torch.device, path: str = "") -> torch.nn.Module:
+    """Load ``teacher.path`` (or ``path``: a task recipe's fine-tuned teacher); with a masked-LM head only when a
+    loss term needs logits, with the task's head when one needs task logits."""
+    location = hub.location(path or recipe.teacher.path)
     kwargs = {"dtype": teacher_dtype(recipe, device)}
-    cls = AutoModelForMaskedLM if needs.logits else AutoModel
+    cls = task_class(recipe.task.kind) if needs.task_logits else AutoModelForMaskedLM if needs.logits else AutoModel
     try:
         if implementation := attn_implementation(needs, AutoConfig.from_pretrained(location)):
             kwargs["attn_implementation"] = implementation

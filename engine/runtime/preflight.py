@@ -85,6 +85,13 @@ def written_paths(r: Recipe) -> None:
         refusal = not_replaceable(Path(r.train.output_dir) / "student", STUDENT_MARKER, "student export")
         if refusal is not None:
             raise r.error(key, refusal)
+    if r.is_task:  # the caches a task recipe writes: the fine-tuned teacher, the stored outputs
+        for cache_key, value in (("task.finetune.cache_dir", r.task.finetune.cache_dir),
+                                 ("task.outputs_dir", r.task.outputs_dir)):  # fmt: skip
+            path = resolve_path(value)
+            if path.exists() and not path.is_dir():
+                raise r.error(cache_key, f"{path} is a file, where the job keeps a cache folder: move it away, or "
+                              "choose another folder")  # fmt: skip
 
 
 def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[tuple[str, dict]]:
@@ -127,6 +134,8 @@ _DATA_KEYS = tuple(
               "long_documents", "note_categories", "note_types", "deid", "require_abstract", "pmc_parts",
               "pmc_section_titles", "pmc_require_body", "heldout_fraction", "seed", "streaming")
 )  # fmt: skip
+# A task recipe's examples and head: every task key but where its caches live and what only names or scores it.
+_TASK_FREE = ("task.teacher_outputs", "task.outputs_dir", "task.finetune.cache_dir", "task.name", "task.metric")
 # Resolved at run time, so the checkpoint holds the concrete value where the recipe may say "auto"; and the output
 # directory, which a copied run legitimately changes.
 _RESOLVED = ("train.precision", "teacher.dtype", "train.output_dir", "deepspeed.config")
@@ -141,7 +150,8 @@ def recipe_changes(saved: dict, recipe: Recipe) -> tuple[list, list]:
         (k, before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)
     ]
     changed = [c for c in changed if not (c[0] in _RESOLVED and (c[2] == "auto" or c[0] in _RESOLVED[2:]))]
-    refused = [c for c in changed if c[0].startswith(_MODEL_KEYS + _DATA_KEYS)]
+    refused = [c for c in changed if c[0].startswith(_MODEL_KEYS + _DATA_KEYS)
+               or (c[0].startswith("task.") and c[0] not in _TASK_FREE)]  # fmt: skip
     return refused, [c for c in changed if c not in refused]
 
 
@@ -164,7 +174,7 @@ def _leaves(node: dict, prefix: str = "") -> dict:
 
 
 def _what(refused: list) -> str:
-    kinds = {"the model the checkpoint holds" if k.startswith(_MODEL_KEYS) else "which sequences its read position counts" for k, *_ in refused}  # fmt: skip
+    kinds = {"the model the checkpoint holds" if k.startswith(_MODEL_KEYS + ("task.",)) else "which sequences its read position counts" for k, *_ in refused}  # fmt: skip
     return " and ".join(sorted(kinds))
 
 

@@ -102,7 +102,7 @@ def format_report(before: dict[str, float], after: dict[str, float]) -> str:
     """The held-out table printed at the end: each metric before and after distillation."""
     lines = ["", "held-out teacher-student comparison   before      after", "-" * 58]
     for key in before:
-        better = "higher is better" if key.startswith("agreement") else "lower is better"
+        better = "higher is better" if key.startswith("agreement") or key.endswith("accuracy") else "lower is better"
         lines.append(f"{key:<36}{before[key]:>8.4f} {after.get(key, float('nan')):>10.4f}   ({better})")
     return "\n".join(lines)
 
