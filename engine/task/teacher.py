@@ -45,21 +45,14 @@ def check_labels(recipe: Recipe, key: str, path: str, config, task: TaskData) ->
         )  # fmt: skip
 
 
-def _file_digest(digest, path: Path) -> None:
-    digest.update(path.name.encode())
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-
-
 def cache_folder(recipe: Recipe, teacher_fingerprint: str, task: TaskData) -> Path:
+    """The fine-tuned teacher's folder, named by what decides its weights: the teacher, every example of the task's
+    splits (words and labels, or texts and labels), the labels' order, the cut and the fine-tuning settings."""
     f = recipe.task.finetune
-    digest = hashlib.sha256()
-    digest.update(teacher_fingerprint.encode())
-    for split in sorted(task.files):
-        source = task.files[split].split(" less ")[0].split(" (a fixed")[0]
-        if Path(source).is_file():
-            _file_digest(digest, Path(source))
+    digest = hashlib.sha256(teacher_fingerprint.encode())
+    for split in sorted(task.splits):
+        for row in task.splits[split]:
+            digest.update(repr({k: v for k, v in vars(row).items() if k != "where"}).encode())
     setting = [task.entry.kind, task.labels, recipe.task.subword_labels, recipe.data.max_length,
                f.lr, f.epochs, f.batch_size, f.seed, f.weight_decay]  # fmt: skip
     digest.update(json.dumps(setting).encode())
