@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ CORPUS = "pkg://biodistill.engine/assets/biomed_clinical_sample.jsonl"
 
 
 def job(name: str, root: Path, ranks: int, flags: list[str]) -> dict:
-    out = root / name
+    out = root / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # a flag value YAML reads as a plain string
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--log_level", "error", "launch/train.py", "--config", CONFIG,
            "--train.output_dir", str(out), "--train.save_every", "0", "--train.export", "false", *flags]  # fmt: skip
     started = time.perf_counter()
@@ -55,7 +56,12 @@ def main(argv=None) -> None:
     data = ["--data.train_files", f"[{CORPUS}]", "--task.max_unlabeled", str(args.unlabeled),
             "--train.micro_batch_size", str(args.micro_batch), "--task.outputs_dir", str(root / "stored")]  # fmt: skip
     # A warm-up job: the fine-tuned teacher cached (if it is not yet), the examples counted.
-    warm = job("warm-up", root, args.ranks, [*data, "--train.max_steps", "1", "--task.teacher_outputs", "live"])
+    warm = job(
+        "warm-up",
+        root,
+        args.ranks,
+        [*data, "--train.max_steps", "1", "--optim.warmup_steps", "0", "--task.teacher_outputs", "live"],
+    )
     examples = warm["summary"]["data"]["train_examples"]
     per_epoch = examples // (args.micro_batch * args.ranks)
     steps = ["--train.max_steps", str(math.ceil(args.epochs * per_epoch))]
