@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # prefix, decided when a target runs: before make install there may be no torch to ask).
 DS_ACCELERATOR = DS_ACCELERATOR=$$($(PYTHON) -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 
-.PHONY: install constraints upgrade-check demo eval-demo test test-fast lint bench-deploy bench-overhead bench-task bench-data bench-placement bench-attention bench-kernels gpu-check
+.PHONY: install constraints upgrade-check demo eval-demo test test-fast lint bench-deploy bench-overhead bench-task bench-quality bench-data bench-placement bench-attention bench-kernels gpu-check
 
 install:
 	# Under constraints.txt: the exact versions the suite last passed with, whatever PyPI serves today.
@@ -63,6 +63,13 @@ bench-data: install
 # Task distillation: stored against live teacher outputs, per epoch and a second student's whole job
 bench-task: install
 	$(DS_ACCELERATOR) $(PYTHON) -m biodistill.engine.bench.task --ranks 2 --epochs 2
+
+# Real biomedical NER (../shared/data/ner: BioBERT's folders): teacher, undistilled, distilled, task-distilled
+# students end to end (engine/bench/quality.py; hours on a CPU at full size: DATA=... SETS="s800 BC2GM")
+DATA ?= ../shared/data/ner
+SETS ?= s800 BC2GM
+bench-quality: install
+	$(DS_ACCELERATOR) $(PYTHON) -m biodistill.engine.bench.quality --data $(DATA) --sets $(SETS)
 
 bench-placement: install
 	$(PYTHON) -m biodistill.engine.bench.placement --ranks 2 --steps 12

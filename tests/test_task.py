@@ -385,6 +385,7 @@ def test_suite_row_of_a_task_distilled_student(tmp_path):
     metrics = json.loads((cell / "metrics.json").read_text())
     assert metrics["train_loss"] is None and metrics["distillation"]["steps"] == 15  # ceil(1 epoch x 240 / 16)
     assert metrics["distillation"]["task"]["teacher_outputs"].startswith("stored in")
+    assert 0 < metrics["distillation"]["seconds"] < metrics["seconds"]  # the cell's cost includes its distillation
     assert not (cell / "distil").exists()  # the cell keeps its scores, not its model
 
 

