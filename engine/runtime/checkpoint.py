@@ -24,7 +24,7 @@ from deepspeed.checkpoint.constants import (
 )
 
 from . import faults
-from .files import replace_dir, write_atomic
+from .files import replace_dir, sha256_of, write_atomic
 from .health import JobError
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def digests(folder: Path) -> dict[str, list]:
     against, so that a file cut short or changed is named before anything loads it."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META):
-        out[str(path.relative_to(folder))] = [path.stat().st_size, digests_of(path)]
+        out[str(path.relative_to(folder))] = [path.stat().st_size, sha256_of(path)]
     return out
 
 
@@ -166,17 +166,9 @@ def damage(folder: Path, files: dict[str, list]) -> Optional[str]:
         if path.stat().st_size != size:
             return f"{path} is {path.stat().st_size:,} bytes, {size:,} when it was saved (cut short or overwritten)"
     for name, (_, sha) in files.items():
-        if digests_of(folder / name) != sha:
+        if sha256_of(folder / name) != sha:
             return f"{folder / name} does not have the sha256 it was saved with (changed on disk)"
     return None
-
-
-def digests_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _remove(root: Path, tag: str) -> None:

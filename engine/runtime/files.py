@@ -17,10 +17,20 @@ DeepSpeed for it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Optional
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, read in 16 MiB blocks (checkpoint shards and stored outputs are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError, Recipe, resolve_path
 from ..data.batches import to_device
 from ..models.outputs import Needs, encode
-from ..runtime.files import write_atomic
+from ..runtime.files import sha256_of, write_atomic
 from .examples import TaskCollator, TaskExamples, TaskView
 
 MANIFEST = "manifest.json"
@@ -86,14 +86,6 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:16] + "..." + text[-8:]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def compute(teacher: torch.nn.Module, examples: TaskExamples, folder: Path, ident: dict, per_token: bool,
             tokenizer, micro_batch: int, device, rank: int, world: int) -> None:  # fmt: skip
@@ -129,7 +121,7 @@ def compute(teacher: torch.nn.Module, examples: TaskExamples, folder: Path, iden
     dist.barrier()
     if rank == 0:
         shards = sorted(folder.glob(f"shard-*-of-{world:05d}.safetensors"))
-        manifest = {**ident, "shards": {p.name: _sha256(p) for p in shards}}
+        manifest = {**ident, "shards": {p.name: sha256_of(p) for p in shards}}
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
     dist.barrier()
 
@@ -141,7 +133,7 @@ def load(folder: Path, count: int, per_token: bool) -> list[torch.Tensor]:
     out: list[Optional[torch.Tensor]] = [None] * count
     for name, digest in manifest["shards"].items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_of(path) != digest:
             raise ConfigError(str(path), "task.teacher_outputs", "missing or changed since it was written (its "
                               f"sha256 is not the one {MANIFEST} records); delete {folder} to compute it again")  # fmt: skip
         shard = load_file(str(path))
