@@ -417,3 +417,20 @@ def test_a_model_scored_as_it_is_needs_its_trained_head(tmp_path, capsys):
             "is (finetune: false)"
         )
     )
+
+
+def test_checkpoints_from_before_task_recipes_resume_and_task_changes_are_refused(tmp_path, tiny_teacher, tiny_corpus):
+    from conftest import recipe_dict
+
+    from biodistill.engine.config import load_recipe
+    from biodistill.engine.runtime.preflight import recipe_changes
+
+    mlm = [{"kind": "mlm"}]
+    general = load_recipe(write_recipe(tmp_path / "g.yaml", recipe_dict(tiny_teacher, tiny_corpus, tmp_path, mlm)))
+    saved = general.to_dict()
+    del saved["task"]  # what a checkpoint written before the task section records
+    assert recipe_changes(saved, general) == ([], [])
+    task = load_recipe(write_recipe(tmp_path / "t.yaml", task_recipe(tmp_path, tiny_teacher)))
+    moved = load_recipe(tmp_path / "t.yaml", ["--task.subword_labels", "all", "--task.outputs_dir", "/elsewhere"])
+    refused, noted = recipe_changes(task.to_dict(), moved)
+    assert [k for k, *_ in refused] == ["task.subword_labels"] and [k for k, *_ in noted] == ["task.outputs_dir"]

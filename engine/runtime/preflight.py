@@ -145,6 +145,7 @@ def recipe_changes(saved: dict, recipe: Recipe) -> tuple[list, list]:
     """``(refused, noted)``: the recipe keys that differ between a checkpoint's recipe and this one, each as
     ``(key, saved value, value now)``; refused are those a resume cannot honour, noted the rest (a longer
     train.max_steps, a new learning rate: the job continues under them and says so)."""
+    saved = {"task": Recipe().to_dict()["task"], **saved}  # checkpoints from before task recipes: none was one
     before, now = _leaves(_comparable(saved)), _leaves(_comparable(recipe.to_dict()))
     changed = [
         (k, before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)
