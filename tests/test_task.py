@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import csv_metric, launch, make_bert, minilm_dir, summary, swapped_student, write_recipe
 
 from biodistill.engine import cli
@@ -370,13 +371,16 @@ def test_suite_task_recipe_entries_are_checked(tmp_path):
 @pytest.mark.multirank
 def test_suite_row_of_a_task_distilled_student(tmp_path):
     """A suite entry asks for a task-distilled student with another entry as its teacher: each cell distils one
-    (a real one-rank job: the base teacher fine-tuned first, stored outputs) and scores it as it is."""
+    (a real one-rank job, stored outputs) and scores it as it is; the teacher's row scores it as it is too."""
     from biodistill.engine.evaluate import cli as evaluate_cli
 
-    teacher = make_bert(tmp_path / "teacher", mlm_head=False)
+    teacher = ner_teacher(tmp_path / "teacher", NER_LABELS)  # with its head: no fine-tuning (the NER job tests that)
     recipe = write_recipe(tmp_path / "task.yaml", task_recipe(tmp_path, teacher))
     entry = {"name": "task-distilled", "task_recipe": str(recipe), "teacher": "teacher"}
-    assert evaluate_cli.main(["--config", str(_suite(tmp_path, teacher, [entry]))]) == 0
+    suite = _suite(tmp_path, teacher, [entry])
+    doc = yaml.safe_load(suite.read_text())
+    doc["models"][0]["finetune"] = False  # the teacher has its head: scored as it is
+    assert evaluate_cli.main(["--config", str(write_recipe(suite, doc))]) == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     row = results["models"]["task-distilled"]
     assert row["path"].endswith("task-distilled from teacher in each cell)") and "ner-sample" in row["tasks"]
@@ -386,6 +390,8 @@ def test_suite_row_of_a_task_distilled_student(tmp_path):
     assert metrics["train_loss"] is None and metrics["distillation"]["steps"] == 15  # ceil(1 epoch x 240 / 16)
     assert metrics["distillation"]["task"]["teacher_outputs"].startswith("stored in")
     assert 0 < metrics["distillation"]["seconds"] < metrics["seconds"]  # the cell's cost includes its distillation
+    teacher_cell = tmp_path / "eval" / "cells" / "teacher" / "ner-sample" / "lr0.001-bs16-seed1" / "metrics.json"
+    assert json.loads(teacher_cell.read_text())["train_loss"] is None  # finetune: false
     assert not (cell / "distil").exists()  # the cell keeps its scores, not its model
 
 
