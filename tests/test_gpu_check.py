@@ -38,7 +38,8 @@ def test_make_gpu_check_dry_run_writes_a_whole_section(tmp_path):
     # attention lengths)
     for row in ("copy bandwidth", "eager ", "triton (ours)", "eager adapters", "fused adapters", "blocked (CPU path)"):
         assert row in text, row
-    assert text.count("1.00x") == 6
+    # at least: a measured ratio may itself round to 1.00x on a CPU (a CI run met 7), so the count is no exact figure
+    assert text.count("1.00x") >= 6
     # 7: both recipes, FLOPs counted, each kernel mode timed
     for recipe in ("distilbiobert", "compactbiobert"):
         head = re.search(rf"{recipe} step: 2 x 32 tokens .*\n  FLOPs counted: ([\d.]+) GFLOP a step", text)
