@@ -12,7 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import csv_metric, launch, make_bert, minilm_dir, summary, swapped_student, write_recipe
+from conftest import (
+    csv_metric,
+    launch,
+    make_bert,
+    minilm_dir,
+    recipe_dict,
+    summary,
+    swapped_student,
+    write_recipe,
+)
 
 from biodistill.engine import cli
 from biodistill.engine.config import LossesConfig, LossTermConfig, resolve_path
@@ -27,28 +36,16 @@ TERMS = [{"kind": "task_kl", "weight": 1.0}, {"kind": "task_ce", "weight": 1.0}]
 
 
 def task_recipe(tmp: Path, teacher: Path, kind: str = "ner", terms=TERMS, **sections) -> dict:
-    recipe = {
-        "name": "task-test",
-        "teacher": {"path": str(teacher)},
-        "student": {"init": "teacher_layers", "teacher_layers": [0, 2]},
-        "task": {
-            "name": "sample",
-            "kind": kind,
-            "path": NER if kind == "ner" else TRIAGE,
-            "outputs_dir": str(tmp / "outputs"),
-            "finetune": {"lr": 1e-3, "epochs": 1, "batch_size": 16, "cache_dir": str(tmp / "teachers")},
-        },
-        "data": {"max_length": 48},
-        "losses": {"temperature": 2.0, "terms": terms},
-        "optim": {"lr": 1e-3, "warmup_steps": 1},
-        "train": {
-            "max_steps": 8,
-            "micro_batch_size": 4,
-            "log_every": 1,
-            "eval_batches": 2,
-            "output_dir": str(tmp / "run"),
-        },  # fmt: skip
-        "deepspeed": {"zero_stage": 2},
+    """conftest's test recipe made a task recipe: the task's examples instead of a corpus, max_length 48."""
+    recipe = recipe_dict(teacher, Path("unused"), tmp, terms)
+    recipe.update(name="task-test", data={"max_length": 48})
+    recipe["student"].pop("mlm_head")
+    recipe["task"] = {
+        "name": "sample",
+        "kind": kind,
+        "path": NER if kind == "ner" else TRIAGE,
+        "outputs_dir": str(tmp / "outputs"),
+        "finetune": {"lr": 1e-3, "epochs": 1, "batch_size": 16, "cache_dir": str(tmp / "teachers")},
     }
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values}
