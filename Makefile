@@ -64,8 +64,9 @@ bench-data: install
 bench-task: install
 	$(DS_ACCELERATOR) $(PYTHON) -m biodistill.engine.bench.task --ranks 2 --epochs 2
 
-# Real biomedical NER (../shared/data/ner: BioBERT's folders): teacher, undistilled, distilled, task-distilled
-# students end to end (engine/bench/quality.py; hours on a CPU at full size: DATA=... SETS="s800 BC2GM")
+# Real biomedical NER (../shared/data/ner: BioBERT's folders): teacher, undistilled, distilled (ours and the
+# authors' method at the same budget), task-distilled students, end to end (engine/bench/quality.py). Hours on a
+# CPU: s800 alone is about 37 min a seed on 2 cores; DATA=... SETS="s800 BC2GM" takes any BioBERT NER folders.
 DATA ?= ../shared/data/ner
 SETS ?= s800 BC2GM
 bench-quality: install

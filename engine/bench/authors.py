@@ -14,7 +14,12 @@ the time, and compute nodes often cannot download them), the same batches of 8 x
 masks them, in fp32 on this CPU, on the same threads. Steps run in alternating blocks (``--block`` of ours, then as
 many of theirs), so a host that slows down slows both alike; the report is the median step of each and their ratio.
 
-    python -m biodistill.engine.bench.authors --steps 8 --block 2
+``--teacher-dtype bf16`` runs our teacher as the engine runs a frozen teacher on a GPU (``teacher.dtype: bf16``;
+on a CPU that "auto" leaves in fp32), which pays where the CPU multiplies bf16 natively (AMX, AVX512-BF16); their
+side keeps its published fp32 teacher (their TrainingArguments set no half precision). The student trains in fp32
+on both sides either way.
+
+    python -m biodistill.engine.bench.authors --steps 8 --block 2 [--teacher-dtype bf16]
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=2, help="steps of one side before switching")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--teacher-dtype", choices=["fp32", "bf16"], default="fp32", help="our teacher's dtype")
     parser.add_argument("--json", default="", help="write the figures here too")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     r.train = dataclasses.replace(r.train, micro_batch_size=args.micro_batch, grad_accum=1, global_batch_size=0,
                                   precision="fp32", max_steps=10**6, log_every=10**6, export=False)  # fmt: skip
     r.deepspeed = dataclasses.replace(r.deepspeed, tensorboard=False, csv=False)
+    r.teacher = dataclasses.replace(r.teacher, dtype=args.teacher_dtype)
     ours = Trainer.from_recipe(r)
     source = ours._batches()
     fixed = [next(source) for _ in range(4)]
-    # The same teacher and student on their side: copies of ours before any step (the teacher frozen, as theirs).
-    theirs = DistillationWrapper(copy.deepcopy(ours.student).train(), ours.teacher)
+    # The same teacher and student on their side: copies of ours before any step (the teacher frozen, as theirs,
+    # and in fp32, as they run it).
+    teacher = ours.teacher if args.teacher_dtype == "fp32" else copy.deepcopy(ours.teacher).float()
+    theirs = DistillationWrapper(copy.deepcopy(ours.student).train(), teacher)
     their_batches = itertools.cycle(
         [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]} for b in fixed]
     )
@@ -142,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     medians = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "recipe": args.config, "micro_batch": args.micro_batch, "length": args.length, "threads": torch.get_num_threads(),
+        "teacher_dtype": {"ours": args.teacher_dtype, "authors": "fp32"},
         "steps": args.steps, "seconds": medians, "authors_over_ours": medians["authors"] / medians["ours"],
         "spread": {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()},
         "torch": torch.__version__, "transformers": transformers.__version__,
     }  # fmt: skip
-    print(f"DistilBioBERT step, {args.micro_batch} x {args.length} tokens, fp32, {result['threads']} threads, "
+    print(f"DistilBioBERT step, {args.micro_batch} x {args.length} tokens, fp32 students, our teacher "
+          f"{args.teacher_dtype} (theirs fp32), {result['threads']} threads, "
           f"{args.steps} steps each in blocks of {args.block}")  # fmt: skip
     print(f"  the authors' wrapper under transformers' Trainer  median {medians['authors']:7.2f} s/step")
     print(f"  biodistill (DeepSpeed ZeRO-2, one process)         median {medians['ours']:7.2f} s/step")

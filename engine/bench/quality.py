@@ -5,19 +5,25 @@
 End to end, with the demo's real pretrained MiniLM-L6 teacher and a 3-layer student (its layers 0, 2, 4), every
 stage a real job as a user runs it, each timed:
 
-1. general distillation (configs/demo.yaml's terms) on real biomedical text, the sentences of the sets' train splits
-   (PubMed and PMC sentences), for ``--steps`` steps of 32 x 128 tokens;
-2. biodistill-evaluate on the sets (BioBERT's NER folders, scored by word-level entity F1), one suite with: the
-   teacher; the student undistilled (its teacher layers, no distillation); the general-distilled student; and that
-   student task-distilled on each set by the fine-tuned teacher (task_kl + task_ce; plus hidden_mse on the layer
-   pairs; plus unlabeled sentences), each under the protocol's lr, batch size, epochs and seeds.
+1. general distillation (configs/demo.yaml's terms) on real biomedical text, the sentences of the train splits of
+   every set under ``--data`` (PubMed and PMC sentences), for ``--steps`` steps of 32 x 128 tokens;
+2. the authors' method at the same budget: the same student (the teacher's layers 0, 2, 4) trained by their
+   DistilBioBERT ``DistillationWrapper`` under transformers' ``Trainer`` with their optimiser settings (lr 5e-4, linear
+   schedule, 5% warm-up, no weight decay), on the same text packed into the same 32 x 128-token batches for the same
+   number of steps. Their loss is 2 x the student's MLM loss + 5 x T^2 KL of the MLM logits + 1 x cosine of the last
+   hidden states; this teacher ships without an MLM head, so the KL term has nothing to match and is left out (the
+   student gets their fresh MLM head, tied to its embeddings, for its own MLM loss);
+3. biodistill-evaluate on the sets (BioBERT's NER folders, scored by word-level entity F1), one suite with: the
+   teacher; the student undistilled (its teacher layers, no distillation); the general-distilled student; the
+   authors'-method student; and the general-distilled student task-distilled on each set by the fine-tuned teacher
+   (task_kl + task_ce; plus hidden_mse on the layer pairs; plus unlabeled sentences), each under the protocol's lr,
+   batch size, epochs and seeds.
 
 ``--train-sentences`` and ``--test-sentences`` take the first N sentences of each split (a quick run on a laptop);
 0 keeps them whole. The report prints test F1 (mean ± std over seeds) per row and set, the wall time of each stage,
 and the issue's goals: the distilled student beats the undistilled one; task distillation recovers at least half of
-the gap between the directly fine-tuned student and the teacher. The authors' DistilBioBERT wrapper is not a row:
-its loss needs masked-LM heads on both models, and this teacher ships without one (engine/bench/authors.py times it
-on BioBERT's shape).
+the gap between the directly fine-tuned student and the teacher. Every stage is cached in ``--out``: a rerun with
+more seeds trains only the new cells.
 """
 
 from __future__ import annotations
@@ -74,6 +80,69 @@ def corpus(folders: list[Path], target: Path) -> int:
     return len(lines)
 
 
+def authors_method(text: Path, out: Path, steps: int, batch: int = 32, length: int = 128) -> float:
+    """Their DistilBioBERT distillation (DistillationWrapper under transformers' Trainer) of the student our
+    general stage starts from, on the same text and token budget; the student's encoder saved to ``out``."""
+    import torch
+    import transformers as ts
+    from datasets import Dataset
+
+    from ..config import resolve_path
+    from .authors import DistillationWrapper
+
+    class CosineMLM(DistillationWrapper):
+        """Their loss with alpha_ce = 0: the teacher has no MLM logits to match (see the module docstring)."""
+
+        def forward(self, input_ids, attention_mask, labels=None, **kwargs):
+            from transformers.modeling_outputs import MaskedLMOutput
+
+            student = self.student(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   output_hidden_states=True)  # fmt: skip
+            with torch.no_grad():
+                teacher = self.teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            s_last, t_last = student["hidden_states"][-1], teacher["hidden_states"][-1]
+            mask = attention_mask.unsqueeze(-1).expand_as(s_last).bool()
+            s_h = torch.masked_select(s_last, mask).view(-1, s_last.size(-1))
+            t_h = torch.masked_select(t_last, mask).view(-1, s_last.size(-1))
+            loss = self.alpha_mlm * student.loss + self.alpha_cos * self.cosine_loss_fct(
+                s_h, t_h, s_h.new_ones(len(s_h))
+            )
+            return MaskedLMOutput(loss=loss, logits=student.logits)
+
+    started = time.perf_counter()
+    source = str(resolve_path(TEACHER))
+    tokenizer = ts.AutoTokenizer.from_pretrained(source)
+    teacher = ts.AutoModel.from_pretrained(source, add_pooling_layer=False).eval().requires_grad_(False)
+    config = ts.AutoConfig.from_pretrained(source, num_hidden_layers=3)
+    torch.manual_seed(42)
+    student = ts.BertForMaskedLM(config)  # their initializeStudent: embeddings and every other layer of the teacher
+    student.bert.embeddings.load_state_dict(teacher.embeddings.state_dict())
+    for i, j in enumerate((0, 2, 4)):
+        student.bert.encoder.layer[i].load_state_dict(teacher.encoder.layer[j].state_dict())
+    student.tie_weights()
+    # run_mlm's group_texts: every sentence tokenised with its [CLS] / [SEP], concatenated, cut in blocks
+    ids = [
+        t
+        for line in text.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+        for t in tokenizer(line)["input_ids"]
+    ]
+    blocks = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
+    data = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * length] * len(blocks)})
+    args = ts.TrainingArguments(
+        str(out.parent / "checkpoints"), per_device_train_batch_size=batch, learning_rate=5e-4, max_steps=steps,
+        lr_scheduler_type="linear", warmup_steps=round(0.05 * steps), weight_decay=0.0, use_cpu=True, seed=42,
+        save_strategy="no", logging_steps=max(1, steps // 10), report_to=[], disable_tqdm=True,
+    )  # fmt: skip
+    collator = ts.DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=True, mlm_probability=0.15)
+    ts.Trainer(model=CosineMLM(student, teacher), args=args, train_dataset=data, data_collator=collator).train()
+    tmp = out.with_name(out.name + ".tmp")
+    student.bert.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # whole or absent: the cache check is this folder
+    return time.perf_counter() - started
+
+
 def run(what: str, cmd: list[str], log: Path) -> float:
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
@@ -106,7 +175,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="../shared/data/ner", help="a folder of BioBERT NER folders")
     parser.add_argument("--sets", nargs="+", default=["s800", "BC2GM"])
     parser.add_argument("--out", default="runs/bench-quality")
-    parser.add_argument("--steps", type=int, default=600, help="general distillation steps of 32 x 128 tokens")
+    parser.add_argument("--steps", type=int, default=300, help="general distillation steps of 32 x 128 tokens")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -122,8 +191,10 @@ def main(argv=None) -> None:
     for name in args.sets:
         sets[name] = subset(Path(args.data) / name, root / "data" / name, args.train_sentences, args.test_sentences)
     text = root / "corpus.txt"
-    n_text = corpus([root / "data" / name for name in sets], text)
-    print(f"[quality] sets {sets}; {n_text} train sentences as the corpus", flush=True)
+    folders = sorted(p for p in Path(args.data).iterdir() if (p / "train.tsv").is_file())
+    n_text = corpus(folders, text)
+    print(f"[quality] sets {sets}; the {n_text} train sentences of {', '.join(p.name for p in folders)} as the "
+          "general distillation corpus", flush=True)  # fmt: skip
     seconds = {}
     general = root / "general"
     if not (general / "student" / "config.json").is_file():
@@ -132,13 +203,19 @@ def main(argv=None) -> None:
             "--data.train_files", f"[{text}]", "--data.cache_dir", str(root / "cache"), "--train.max_steps",
             str(args.steps), "--train.save_every", "0", "--train.output_dir", str(general),
         ], root / "logs" / "general.log")  # fmt: skip
+    authors = root / "authors" / "student"
+    if not (authors / "config.json").is_file():
+        what = "the authors' method (their wrapper under transformers' Trainer)"
+        print(f"[quality] {what} ...", flush=True)
+        seconds[what] = authors_method(text, authors, args.steps)
+        print(f"[quality] {what}: {seconds[what] / 60:.1f} min", flush=True)
     kl_ce = [{"kind": "task_kl", "weight": 1.0}, {"kind": "task_ce", "weight": 1.0}]
     hidden = [*kl_ce, {"kind": "hidden_mse", "weight": 1.0, "layer_map": "uniform"}]
     recipes = {
-        "task-distilled (KL + CE)": task_recipe(root / "task-kl-ce.yaml", kl_ce, root),
-        "task-distilled (+ hidden)": task_recipe(root / "task-hidden.yaml", hidden, root),
+        "task-distilled (KL + CE)": task_recipe(root / "task-kl-ce.yaml", kl_ce, root, args),
+        "task-distilled (+ hidden)": task_recipe(root / "task-hidden.yaml", hidden, root, args),
         "task-distilled (+ unlabeled)": task_recipe(
-            root / "task-unlabeled.yaml", kl_ce, root, str(text), args.unlabeled
+            root / "task-unlabeled.yaml", kl_ce, root, args, str(text), args.unlabeled
         ),
     }
     suite = {
@@ -148,6 +225,7 @@ def main(argv=None) -> None:
             {"name": "teacher (MiniLM-L6)", "path": TEACHER},
             {"name": "undistilled (teacher layers 0, 2, 4)", "recipe": "configs/demo.yaml"},
             {"name": "distilled (ours)", "path": str(general / "student")},
+            {"name": "distilled (authors' method)", "path": str(authors)},
             *(
                 {"name": n, "task_recipe": r, "teacher": "teacher (MiniLM-L6)", "student": "distilled (ours)"}
                 for n, r in recipes.items()
@@ -189,11 +267,12 @@ def report(root: Path, suite: dict, sets: dict, seconds: dict, args) -> None:
     print("\n" + ", ".join(f"{k}: {v / 60:.1f} min" for k, v in seconds.items()))
     for s in sets:
         f1 = {n: results[n]["tasks"][s]["test_mean"] for n in names if s in results[n]["tasks"]}
-        teacher, undistilled, distilled = (f1[n] for n in names[:3])
+        teacher, undistilled, distilled, authors = (f1[n] for n in names[:4])
         print(f"{s}: distilled - undistilled = {100 * (distilled - undistilled):+.1f} F1 "
               f"({'met' if distilled > undistilled else 'missed'})")  # fmt: skip
+        print(f"{s}: distilled (ours) - distilled (authors' method) = {100 * (distilled - authors):+.1f} F1")
         gap = teacher - distilled
-        for n in names[3:]:
+        for n in names[4:]:
             recovered = (f1[n] - distilled) / gap if gap > 0 else float("nan")
             print(f"{s}: {n} recovers {100 * recovered:.0f}% of the {100 * gap:.1f}-point gap to the teacher "
                   f"({'met' if recovered >= 0.5 else 'missed'}: goal 50%)")  # fmt: skip
