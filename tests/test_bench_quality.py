@@ -49,3 +49,37 @@ def test_corpus_is_the_train_sentences_of_every_folder(tmp_path):
     assert corpus([a, b], tmp_path / "corpus.txt") == 4
     lines = (tmp_path / "corpus.txt").read_text().splitlines()
     assert lines == ["Mutations in BRCA1 gene .", "Rats were treated ( n = 5 )", "No effect on p53 .", "Hello world"]
+
+
+def test_report_shows_each_seed_and_the_goals_verdicts(tmp_path, capsys):
+    """The report's arithmetic, from an evaluation's results.json: mean ± std with each seed's F1, and the goals
+    (distilled against undistilled, against the authors' method, the share of the gap to the teacher recovered)."""
+    import argparse
+    import json
+    import statistics
+
+    from biodistill.engine.bench.quality import report
+
+    f1 = {  # two seeds a row; the gap from distilled (60) to the teacher (70) is 10 points
+        "teacher": [0.69, 0.71], "undistilled": [0.61, 0.61], "distilled (ours)": [0.60, 0.60],
+        "distilled (authors' method)": [0.59, 0.61], "task KL + CE": [0.66, 0.66], "task + hidden": [0.62, 0.62],
+    }  # fmt: skip
+    models = {
+        name: {"tasks": {"s800": {"metric": "f1", "test_mean": statistics.mean(runs),
+                                  "test_std": statistics.stdev(runs), "test_runs": [{"f1": x} for x in runs]}}}
+        for name, runs in f1.items()
+    }  # fmt: skip
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"models": models}))
+    args = argparse.Namespace(seeds=[1, 2], epochs=3.0, lr=1e-4, max_length=64, steps=300)
+    suite = {"models": [{"name": name} for name in f1]}
+    report(tmp_path, suite, {"s800": {"train": 5733}}, {"general distillation": 600.0}, args, 4096)
+    out = capsys.readouterr().out
+    assert "| teacher | 70.0 ± 1.4 (69.0, 71.0) | 0.0 |" in out
+    assert "| distilled (authors' method) | 60.0 ± 1.4 (59.0, 61.0) | 0.0 |" in out
+    assert "general distillation 300 steps of 4,096 tokens (1.2M tokens)" in out
+    assert "general distillation: 10.0 min" in out
+    assert "s800: distilled - undistilled = -1.0 F1 (missed)" in out
+    assert "s800: distilled (ours) - distilled (authors' method) = +0.0 F1" in out
+    assert "s800: task KL + CE recovers 60% of the 10.0-point gap to the teacher (met: goal 50%)" in out
+    assert "s800: task + hidden recovers 20% of the 10.0-point gap to the teacher (missed: goal 50%)" in out
