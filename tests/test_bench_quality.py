@@ -71,12 +71,13 @@ def test_report_shows_each_seed_and_the_goals_verdicts(tmp_path, capsys):
     }  # fmt: skip
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"models": models}))
-    args = argparse.Namespace(seeds=[1, 2], epochs=3.0, lr=1e-4, max_length=64, steps=300)
+    args = argparse.Namespace(seeds=[1, 2], epochs=3.0, task_epochs=9.0, lr=1e-4, max_length=64, steps=300)
     suite = {"models": [{"name": name} for name in f1]}
     report(tmp_path, suite, {"s800": {"train": 5733}}, {"general distillation": 600.0}, args, 4096)
     out = capsys.readouterr().out
     assert "| teacher | 70.0 ± 1.4 (69.0, 71.0) | 0.0 |" in out
     assert "| distilled (authors' method) | 60.0 ± 1.4 (59.0, 61.0) | 0.0 |" in out
+    assert "fine-tuning 3 epochs, task distillation 9, lr 0.0001, batch 32, max_length 64" in out
     assert "general distillation 300 steps of 4,096 tokens (1.2M tokens)" in out
     assert "general distillation: 10.0 min" in out
     assert "s800: distilled - undistilled = -1.0 F1 (missed)" in out

@@ -380,6 +380,24 @@ def test_a_model_changed_under_finished_cells_is_refused_by_name(tmp_path):
     )
 
 
+def test_a_task_distilled_row_whose_epochs_changed_is_refused_by_name(tmp_path):
+    """Its cells distilled for the old epochs: resuming them under new ones would mix two students in a mean."""
+    model = make_bert(tmp_path / "student", layers=1, hidden=32)
+    entries = "[{name: t, path: %s}, {name: td, task_recipe: configs/task/ner-sample.yaml, teacher: t, epochs: %s}]"
+    body = f"output_dir: {tmp_path / 'out'}\nmodels: {entries}\ntasks: [{{name: n, kind: ner, path: x}}]\n"
+    paths = {"t": str(model), "td": str(model)}
+    first = same_models(load_suite(write(tmp_path / "s.yaml", body % (model, 9))), paths)
+    assert first["td"] == f"{first['t']} epochs=9"  # the student's weights, and how long it is distilled
+    assert same_models(load_suite(write(tmp_path / "s.yaml", body % (model, 9.0))), paths) == first
+    with pytest.raises(ConfigError) as e:
+        same_models(load_suite(write(tmp_path / "s.yaml", body % (model, 0))), paths)
+    assert e.value.key == "models[1].epochs"
+    assert e.value.message.startswith(
+        f"td: its epochs of task distillation changed since the cells in {tmp_path / 'out'} were trained "
+        "(epochs=9 -> the protocol's epochs)"
+    )
+
+
 def test_suite_errors_name_the_key(tmp_path):
     body = "models: [{name: a, path: x}, {name: a, path: y}]\ntasks: [{name: t, kind: qa, path: d}]\n"
     with pytest.raises(ConfigError) as e:

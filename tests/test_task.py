@@ -363,6 +363,12 @@ def test_suite_task_recipe_entries_are_checked(tmp_path):
     both = [{"name": "td", "path": "x", "task_recipe": "configs/task/ner-sample.yaml", "teacher": "teacher"}]
     with pytest.raises(ConfigError, match=r"models\[1\]: give exactly one of path \(a model\), recipe or task_recipe"):
         load_suite(_suite(tmp_path, tmp_path, both))
+    negative = [{"name": "td", "task_recipe": "configs/task/ner-sample.yaml", "teacher": "teacher", "epochs": -1}]
+    with pytest.raises(ConfigError, match=r"models\[1\]\.epochs: epochs of task distillation, positive .* got -1"):
+        load_suite(_suite(tmp_path, tmp_path, negative))
+    misplaced = [{"name": "plain", "path": "x", "epochs": 9}]
+    with pytest.raises(ConfigError, match=r"models\[1\]\.epochs: epochs of task distillation go with task_recipe"):
+        load_suite(_suite(tmp_path, tmp_path, misplaced))
 
 
 @pytest.mark.multirank
@@ -373,7 +379,7 @@ def test_suite_row_of_a_task_distilled_student(tmp_path):
 
     teacher = ner_teacher(tmp_path / "teacher", NER_LABELS)  # with its head: no fine-tuning (the NER job tests that)
     recipe = write_recipe(tmp_path / "task.yaml", task_recipe(tmp_path, teacher))
-    entry = {"name": "task-distilled", "task_recipe": str(recipe), "teacher": "teacher"}
+    entry = {"name": "task-distilled", "task_recipe": str(recipe), "teacher": "teacher", "epochs": 0.5}
     suite = _suite(tmp_path, teacher, [entry])
     doc = yaml.safe_load(suite.read_text())
     doc["models"][0]["finetune"] = False  # the teacher has its head: scored as it is
@@ -381,10 +387,15 @@ def test_suite_row_of_a_task_distilled_student(tmp_path):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     row = results["models"]["task-distilled"]
     assert row["path"].endswith("task-distilled from teacher in each cell)") and "ner-sample" in row["tasks"]
+    assert (
+        "Task-distilled for their own epochs (not the protocol's): task-distilled (0.5 epochs)."
+        in (tmp_path / "eval" / "results.md").read_text()
+    )
     assert 0 <= row["tasks"]["ner-sample"]["test_mean"] <= 1
     cell = tmp_path / "eval" / "cells" / "task-distilled" / "ner-sample" / "lr0.001-bs16-seed1"
     metrics = json.loads((cell / "metrics.json").read_text())
-    assert metrics["train_loss"] is None and metrics["distillation"]["steps"] == 15  # ceil(1 epoch x 240 / 16)
+    assert metrics["train_loss"] is None
+    assert metrics["distillation"]["steps"] == 8  # the entry's epochs: ceil(0.5 x 240 / 16)
     assert metrics["distillation"]["task"]["teacher_outputs"].startswith("stored in")
     assert 0 < metrics["distillation"]["seconds"] < metrics["seconds"]  # the cell's cost includes its distillation
     teacher_cell = tmp_path / "eval" / "cells" / "teacher" / "ner-sample" / "lr0.001-bs16-seed1" / "metrics.json"

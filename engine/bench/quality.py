@@ -16,8 +16,10 @@ stage a real job as a user runs it, each timed:
 3. biodistill-evaluate on the sets (BioBERT's NER folders, scored by word-level entity F1), one suite with: the
    teacher; the student undistilled (its teacher layers, no distillation); the general-distilled student; the
    authors'-method student; and the general-distilled student task-distilled on each set by the fine-tuned teacher
-   (task_kl + task_ce; plus hidden_mse on the layer pairs; plus unlabeled sentences), each under the protocol's lr,
-   batch size, epochs and seeds.
+   (task_kl + task_ce; plus unlabeled sentences; plus hidden_mse on the layer pairs), each under the protocol's lr,
+   batch size and seeds; fine-tuning runs ``--epochs``, task distillation ``--task-epochs`` (9 by default: at the
+   fine-tuning's 3 the task-distilled student recovered a fifth of its gap to the teacher on s800, at 9 nine tenths;
+   BENCHMARKS.md, "Quality on real data").
 
 ``--train-sentences`` and ``--test-sentences`` take the first N sentences of each split (a quick run on a laptop);
 0 keeps them whole. The report prints test F1 (mean ± std over seeds, and each seed's) per row and set, the wall time
@@ -182,7 +184,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/bench-quality")
     parser.add_argument("--steps", type=int, default=300, help="general distillation steps of 32 x 128 tokens")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--epochs", type=float, default=3.0, help="fine-tuning epochs (the protocol's)")
+    parser.add_argument("--task-epochs", type=float, default=9.0, help="task-distillation epochs (of labelled data)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--train-sentences", type=int, default=0, help="first N train sentences of each set (0: all)")
@@ -217,12 +220,13 @@ def main(argv=None) -> None:
         print(f"[quality] {what}: {seconds[what] / 60:.1f} min", flush=True)
     kl_ce = [{"kind": "task_kl", "weight": 1.0}, {"kind": "task_ce", "weight": 1.0}]
     hidden = [*kl_ce, {"kind": "hidden_mse", "weight": 1.0, "layer_map": "uniform"}]
-    recipes = {
-        "task-distilled (KL + CE)": task_recipe(root / "task-kl-ce.yaml", kl_ce, root, args),
-        "task-distilled (+ hidden)": task_recipe(root / "task-hidden.yaml", hidden, root, args),
-        "task-distilled (+ unlabeled)": task_recipe(
+    runs = f"{args.task_epochs:g} epochs"
+    recipes = {  # +hidden last: its teacher runs live, the slowest cells
+        f"task-distilled (KL + CE, {runs})": task_recipe(root / "task-kl-ce.yaml", kl_ce, root, args),
+        f"task-distilled (+ unlabeled, {runs})": task_recipe(
             root / "task-unlabeled.yaml", kl_ce, root, args, str(text), args.unlabeled
         ),
+        f"task-distilled (+ hidden, {runs})": task_recipe(root / "task-hidden.yaml", hidden, root, args),
     }
     suite = {
         "name": "bench-quality",
@@ -233,7 +237,13 @@ def main(argv=None) -> None:
             {"name": "distilled (ours)", "path": str(general / "student")},
             {"name": "distilled (authors' method)", "path": str(authors)},
             *(
-                {"name": n, "task_recipe": r, "teacher": "teacher (MiniLM-L6)", "student": "distilled (ours)"}
+                {
+                    "name": n,
+                    "task_recipe": r,
+                    "teacher": "teacher (MiniLM-L6)",
+                    "student": "distilled (ours)",
+                    "epochs": args.task_epochs,
+                }
                 for n, r in recipes.items()
             ),
         ],  # fmt: skip
@@ -258,7 +268,8 @@ def report(root: Path, suite: dict, sets: dict, seconds: dict, args, step_tokens
     results = json.loads((root / "eval" / "results.json").read_text())["models"]
     names = [m["name"] for m in suite["models"]]
     print(f"\nword-level entity F1 x100 on the test split, mean ± std (each seed) over seeds {args.seeds}; "
-          f"{args.epochs:g} epochs, lr {args.lr:g}, batch {BATCH}, max_length {args.max_length}; general "
+          f"fine-tuning {args.epochs:g} epochs, task distillation {args.task_epochs:g}, lr {args.lr:g}, batch {BATCH}, "
+          f"max_length {args.max_length}; general "
           f"distillation {args.steps} steps of {step_tokens:,} tokens ({args.steps * step_tokens / 1e6:.1f}M tokens)")  # fmt: skip
     print("| model | " + " | ".join(f"{s} ({c['train']} train)" for s, c in sets.items()) + " | cell minutes |")
     print("|---|" + "---|" * (len(sets) + 1))

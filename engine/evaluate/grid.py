@@ -191,18 +191,31 @@ def same_models(suite: Suite, paths: dict[str, str]) -> dict[str, str | None]:
     fingerprint when its first cell runs; returns the fingerprints now."""
     record = Path(suite.output_dir) / "models.json"
     before = json.loads(record.read_text()) if record.is_file() else {}
-    now = {m.name: fingerprint(paths[m.name]) for m in suite.models}
+    now = {m.name: _identity(m, paths[m.name]) for m in suite.models}
     for i, m in enumerate(suite.models):
         if m.name in before and before[m.name] != now[m.name]:
+            (was, was_epochs), (weights, epochs) = (str(x).partition(" ")[::2] for x in (before[m.name], now[m.name]))
+            if was == weights:  # the same weights: a task-distilled row's epochs changed
+                key, what = f"models[{i}].epochs", f"{m.name}: its epochs of task distillation changed"
+                detail = " -> ".join(x or "the protocol's epochs" for x in (was_epochs, epochs))
+            else:
+                key, what = f"models[{i}].{'path' if m.path else 'recipe'}", f"{paths[m.name]}: its weights changed"
+                detail = f"sha256 {was[:12]} -> {weights[:12]}"
             raise ConfigError(
-                suite.source, f"models[{i}].{'path' if m.path else 'recipe'}",
-                f"{paths[m.name]}: its weights changed since the cells in {suite.output_dir} were trained on them "
-                f"(sha256 {str(before[m.name])[:12]} -> {str(now[m.name])[:12]}), and resuming would mix two models "
-                "in one mean: choose another output_dir, or delete this one",
+                suite.source, key,
+                f"{what} since the cells in {suite.output_dir} were trained ({detail}), and resuming would mix two "
+                "models in one mean: choose another output_dir, or delete this one",
             )  # fmt: skip
     if any(name not in before for name in now):
         _write_json(record, before | now)
     return now
+
+
+def _identity(entry: ModelEntry, path: str) -> str | None:
+    """What an entry's cells were trained from: its weights' fingerprint, and a task-distilled row's own epochs
+    (its cells distil for that long): "<sha256> epochs=9"."""
+    weights = fingerprint(path)
+    return f"{weights} epochs={entry.epochs:g}" if weights and entry.epochs else weights
 
 
 def _write_json(path: Path, doc: dict) -> None:
@@ -258,11 +271,12 @@ def _run_one(suite: Suite, cell: Cell, path: str, key: str, entry: ModelEntry, t
 
 def task_distil(suite: Suite, cell: Cell, entry: ModelEntry, task: TaskData, out: Path) -> str:
     """The cell's student: ``entry.task_recipe`` run on this task, one rank in a process of its own, under the
-    protocol's lr, batch size and seed, for as many steps as the protocol's epochs over the task's labelled train
-    examples. Returns the exported student's directory."""
+    protocol's lr, batch size and seed, for as many steps as the entry's epochs (the protocol's by default) over the
+    task's labelled train examples. Returns the exported student's directory."""
     from ..config import TaskEntry
 
-    steps = max(1, math.ceil(suite.protocol.epochs * len(task.splits["train"]) / cell.batch_size))
+    epochs = entry.epochs or suite.protocol.epochs
+    steps = max(1, math.ceil(epochs * len(task.splits["train"]) / cell.batch_size))
     flags = [*task_recipe_flags(suite, entry), "--train.seed", str(cell.seed), "--optim.lr", repr(cell.lr),
              "--train.micro_batch_size", str(cell.batch_size), "--train.grad_accum", "1", "--train.global_batch_size",
              "0", "--train.max_steps", str(steps), "--train.save_every", "0", "--train.eval_every", "0",

@@ -202,6 +202,9 @@ def markdown(suite: Suite, doc: dict, expected: int, done: int) -> str:
         + (" and the GPU named in results.json." if gpu else "."),
         f"Cells finished: {done} of {expected}." + ("" if done == expected else " Rerun the same command to finish."),
     ]
+    own = [f"{m.name} ({m.epochs:g} epochs)" for m in suite.models if m.task_recipe and m.epochs]
+    if own:
+        lines.append(f"Task-distilled for their own epochs (not the protocol's): {', '.join(own)}.")
     if p.subword_f1:
         lines.append("NER scores are word-level entity F1; \"sub-word\" is seqeval over the sub-word sequences, as the "
                      "compact models' ner.py computes the figure their paper reports (with subword_labels: all, a "

@@ -39,6 +39,9 @@ class ModelEntry:
     task_recipe: str = ""
     teacher: str = ""  # task_recipe: the entry whose model teaches (fine-tuned on each task first, cached)
     student: str = ""  # task_recipe: the entry whose model the student starts from (empty: the recipe's student)
+    # task_recipe: epochs of distillation over the labelled train split (0: the protocol's epochs). A task
+    # distillation gains from running longer than a fine-tuning (docs/task.md, "How long to distil").
+    epochs: float = 0.0
     adapters_only: bool = False  # MiniALBERT: train only its bottleneck adapters and the task head
     finetune: bool = True  # false: a task model already (a task-distilled student): scored as it is, one cell a seed
 
@@ -131,7 +134,10 @@ def _validate(s: Suite, sources: dict[str, str]) -> None:
               "give exactly one of path (a model), recipe or task_recipe")  # fmt: skip
         if not m.task_recipe:
             check(not (m.teacher or m.student), f"models[{i}].teacher", "teacher and student go with task_recipe")
+            check(not m.epochs, f"models[{i}].epochs", "epochs of task distillation go with task_recipe")
             continue
+        check(m.epochs >= 0, f"models[{i}].epochs", f"epochs of task distillation, positive (0: the protocol's), "
+              f"got {m.epochs}")  # fmt: skip
         for role in ("teacher", "student"):
             other = by_name.get(getattr(m, role))
             check(getattr(m, role) == "" and role == "student" or (other is not None and bool(other.path)),
