@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--train-sentences", type=int, default=0, help="first N train sentences of each set (0: all)")
     parser.add_argument("--test-sentences", type=int, default=0, help="first N dev and test sentences (0: all)")
-    parser.add_argument("--unlabeled", type=int, default=5000, help="unlabeled sentences for the last row")
+    parser.add_argument("--unlabeled", type=int, default=5000, help="unlabeled sentences for the + unlabeled row")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     root = Path(args.out).resolve()
@@ -220,13 +220,13 @@ def main(argv=None) -> None:
         print(f"[quality] {what}: {seconds[what] / 60:.1f} min", flush=True)
     kl_ce = [{"kind": "task_kl", "weight": 1.0}, {"kind": "task_ce", "weight": 1.0}]
     hidden = [*kl_ce, {"kind": "hidden_mse", "weight": 1.0, "layer_map": "uniform"}]
-    runs = f"{args.task_epochs:g} epochs"
+    span = f"{args.task_epochs:g} epochs"
     recipes = {  # +hidden last: its teacher runs live, the slowest cells
-        f"task-distilled (KL + CE, {runs})": task_recipe(root / "task-kl-ce.yaml", kl_ce, root, args),
-        f"task-distilled (+ unlabeled, {runs})": task_recipe(
+        f"task-distilled (KL + CE, {span})": task_recipe(root / "task-kl-ce.yaml", kl_ce, root, args),
+        f"task-distilled (+ unlabeled, {span})": task_recipe(
             root / "task-unlabeled.yaml", kl_ce, root, args, str(text), args.unlabeled
         ),
-        f"task-distilled (+ hidden, {runs})": task_recipe(root / "task-hidden.yaml", hidden, root, args),
+        f"task-distilled (+ hidden, {span})": task_recipe(root / "task-hidden.yaml", hidden, root, args),
     }
     suite = {
         "name": "bench-quality",
